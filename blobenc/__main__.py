@@ -1,0 +1,3 @@
+from blobenc.cli import main
+
+main()

@@ -1,0 +1,22 @@
+"""The `blobenc` command-line app: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from blobenc.cli.data import evaluate_command, submit_command, synth_command
+
+app = typer.Typer(
+    name="blobenc",
+    help="Image-computable fMRI encoding models: extract timm features, fit heads, predict, score.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+app.command("synth")(synth_command)
+app.command("evaluate")(evaluate_command)
+app.command("submit")(submit_command)
+
+
+def main() -> None:
+    app()

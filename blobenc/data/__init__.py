@@ -1,0 +1,1 @@
+"""Dataset readers (Algonauts 2023 layout) and the synthetic dataset."""

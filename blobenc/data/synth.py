@@ -1,0 +1,250 @@
+"""A synthetic dataset in the Algonauts 2023 layout, from a known generative model.
+
+The model (docs/synthetic.md has the full description):
+
+* Images: 1/f^alpha coloured noise with a few flat-coloured ellipses and
+  rectangles, so they have natural-image-like spectra and edges.
+* Image features: six 16x16 maps per image (luminance, red-green, blue-yellow,
+  local contrast, horizontal and vertical edge energy).
+* Vertices: each group vertex has a position s in [0, 1) along a cortical sheet;
+  its Gaussian receptive field centre, size and feature tuning vary smoothly
+  with s (retinotopy-like spatial structure). Subjects share these tunings plus
+  a smaller subject-specific smooth perturbation, and each vertex has a signal
+  gain (some are pure noise, giving zero noise ceilings).
+* Responses: three noisy repeats per image; the files hold their average, and
+  the noise ceiling is computed from the test repeats as the NSD papers do.
+* Images: a pool shared by all subjects (as NSD's shared 1000) plus images
+  unique to each subject; the test images are shared images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from blobenc.data.algonauts import HEMIS, ROI_GROUPS
+from blobenc.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+N_REPEATS = 3
+_GRID = 16
+_N_FEATURES = 6
+# Real per-hemisphere challenge vertex counts (SPEC); subjects 6 and 8 drop some.
+_FULL = {"fsaverage": 163842, "group": (19004, 20544), "subj06": (18978, 20220), "subj08": (18981, 20530)}
+_SMALL = {"fsaverage": 2562, "group": (300, 340), "subj06": (292, 322), "subj08": (294, 331)}
+_ROI_NAMES = {
+    "prf-visualrois": ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"],
+    "floc-bodies": ["EBA", "FBA-1", "FBA-2", "mTL-bodies"],
+    "floc-faces": ["OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces"],
+    "floc-places": ["OPA", "PPA", "RSC"],
+    "floc-words": ["OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"],
+    "streams": ["early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"],
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    subjects: int = 8
+    train_images: int = 120
+    test_images: int = 40
+    vertices: str = "small"
+    image_size: int = 192
+    seed: int = 0
+
+
+def make_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: 1/f coloured noise with a few flat shapes on top."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f[0, 0] = 1.0
+    alpha = rng.uniform(1.6, 2.4)
+    channels = []
+    for _ in range(3):
+        spectrum = f ** (-alpha / 2) * np.exp(2j * np.pi * rng.random(f.shape))
+        spectrum[0, 0] = 0
+        channels.append(np.fft.irfft2(spectrum, s=(size, size)))
+    img = np.stack(channels, -1)
+    img = img @ rng.normal(0.6, 0.3, (3, 3))  # correlated colour channels, as in natural scenes
+    img = (img - img.mean()) / (img.std() + 1e-8) * 0.18 + rng.uniform(0.3, 0.7, 3)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for _ in range(rng.integers(1, 5)):
+        cy, cx = rng.uniform(0.1, 0.9, 2)
+        ry, rx = rng.uniform(0.05, 0.25, 2)
+        inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) if rng.random() < 0.5 else (
+            (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx))
+        img[inside] = rng.uniform(0, 1, 3)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def image_features(img: np.ndarray) -> np.ndarray:
+    """(6, 16, 16) feature maps the responses are a linear function of."""
+    x = img.astype(np.float64) / 255
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    lum = (r + g + b) / 3
+    dy = np.abs(np.diff(lum, axis=0, append=lum[-1:]))
+    dx = np.abs(np.diff(lum, axis=1, append=lum[:, -1:]))
+    maps = np.stack([lum, r - g, b - (r + g) / 2, np.abs(lum - lum.mean()), dy, dx])
+    size = img.shape[0] - img.shape[0] % _GRID
+    block = size // _GRID
+    return maps[:, :size, :size].reshape(_N_FEATURES, _GRID, block, _GRID, block).mean((2, 4))
+
+
+def _smooth(rng: np.random.Generator, s: np.ndarray, n: int, n_basis: int = 6) -> np.ndarray:
+    """(len(s), n) random functions of s, smooth along the sheet."""
+    basis = np.cos(np.pi * np.arange(n_basis)[None, :] * s[:, None])
+    coef = rng.normal(0, 1, (n_basis, n)) / (1 + np.arange(n_basis))[:, None]
+    return basis @ coef
+
+
+def _vertex_weights(rng: np.random.Generator, s: np.ndarray, hemi_phase: float) -> np.ndarray:
+    """(n_vertices, 6 * 16 * 16) linear weights on the feature maps: receptive field x tuning."""
+    cy = 0.5 + 0.35 * np.sin(2 * np.pi * 2 * s + hemi_phase) + 0.05 * _smooth(rng, s, 1)[:, 0]
+    cx = 0.5 + 0.35 * np.cos(2 * np.pi * 3 * s) + 0.05 * _smooth(rng, s, 1)[:, 0]
+    sigma = 0.07 + 0.2 * s
+    grid = (np.arange(_GRID) + 0.5) / _GRID
+    rf = np.exp(-((grid[None, :, None] - cy[:, None, None]) ** 2 + (grid[None, None, :] - cx[:, None, None]) ** 2)
+                / (2 * sigma[:, None, None] ** 2))
+    rf /= rf.sum((1, 2), keepdims=True)
+    tuning = _smooth(rng, s, _N_FEATURES)
+    return (tuning[:, :, None, None] * rf[:, None]).reshape(len(s), -1)
+
+
+def _noise_ceiling(repeats: np.ndarray) -> np.ndarray:
+    """NSD-style ceiling (a fraction) of the mean of the repeats: (n_images, n_reps, n_vertices) in."""
+    n_reps = repeats.shape[1]
+    noise_var = repeats.var(axis=1, ddof=1).mean(0)
+    total_var = repeats.reshape(-1, repeats.shape[2]).var(0)
+    signal_var = np.maximum(total_var - noise_var, 0)
+    ncsnr2 = signal_var / np.maximum(noise_var, 1e-12)
+    return (ncsnr2 / (ncsnr2 + 1 / n_reps)).astype(np.float32)
+
+
+def _masks(rng: np.random.Generator, n_subjects: int, spec: dict) -> tuple[dict, list[dict]]:
+    """Group fsaverage indices per hemi and each subject's 0/1 fsaverage mask."""
+    group = {h: np.sort(rng.choice(spec["fsaverage"], n, replace=False)) for h, n in zip(HEMIS, spec["group"], strict=True)}
+    subject_masks = []
+    for k in range(1, n_subjects + 1):
+        counts = spec.get(f"subj{k:02d}", spec["group"])
+        masks = {}
+        for hemi, n in zip(HEMIS, counts, strict=True):
+            keep = np.sort(rng.choice(len(group[hemi]), n, replace=False))
+            mask = np.zeros(spec["fsaverage"], dtype=np.int32)
+            mask[group[hemi][keep]] = 1
+            masks[hemi] = mask
+        subject_masks.append(masks)
+    return group, subject_masks
+
+
+def _roi_labels(n: int) -> dict[str, np.ndarray]:
+    """Contiguous ROI segments along the sheet (label 0 = Unknown between them)."""
+    out = {}
+    s = np.arange(n) / max(n, 1)
+    for g, names in _ROI_NAMES.items():
+        k = len(names)
+        segment = np.minimum((s * k).astype(int), k - 1)
+        within = s * k - segment
+        out[g] = np.where(within < 0.8, segment + 1, 0).astype(np.int32)
+    return out
+
+
+def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, progress: bool = False) -> Path:
+    """Write a synthetic dataset in the Algonauts 2023 layout to `out` and return it."""
+    from blobenc.progress import track  # lazy: rich is only needed when writing
+
+    out = Path(out)
+    if config.vertices not in ("small", "full"):
+        raise DataError(f"--vertices must be 'small' or 'full', got {config.vertices!r}")
+    if not 1 <= config.subjects <= 99:
+        raise DataError(f"--subjects must be between 1 and 99, got {config.subjects}")
+    if config.train_images < 2 or config.test_images < 2:
+        raise DataError("--train-images and --test-images must be at least 2")
+    if config.image_size < _GRID:
+        raise DataError(f"--image-size must be at least {_GRID}, got {config.image_size}")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: folder exists and is not empty; choose a new folder")
+    spec = _FULL if config.vertices == "full" else _SMALL
+    rng = np.random.default_rng(config.seed)
+
+    # Image pools: a shared pool seen by every subject (train part + test part) and per-subject images.
+    n_shared_train = config.train_images // 3
+    n_unique = config.train_images - n_shared_train
+    n_total = n_shared_train + config.test_images + config.subjects * n_unique
+    nsd_ids = rng.choice(73000, size=n_total, replace=False)
+    shared_train = nsd_ids[:n_shared_train]
+    test_ids = nsd_ids[n_shared_train:n_shared_train + config.test_images]
+    unique = nsd_ids[n_shared_train + config.test_images:].reshape(config.subjects, n_unique)
+
+    features: dict[int, np.ndarray] = {}
+    image_dir = out / ".images"  # render each unique image once, then hard-link or copy it
+    image_dir.mkdir(parents=True)
+    for nsd in track(nsd_ids.tolist(), "rendering images", progress):
+        img = make_image(np.random.default_rng([config.seed, nsd]), config.image_size)
+        Image.fromarray(img).save(image_dir / f"{nsd}.png", compress_level=1)
+        features[nsd] = image_features(img).ravel()
+
+    group, subject_masks = _masks(rng, config.subjects, spec)
+    fs_labels = _roi_labels(spec["fsaverage"])
+    n_group = {h: len(group[h]) for h in HEMIS}
+    # Shared weights and gains over the group vertices; subjects add a smaller perturbation.
+    shared_w, gain = {}, {}
+    for i, hemi in enumerate(HEMIS):
+        s = np.arange(n_group[hemi]) / n_group[hemi]
+        shared_w[hemi] = _vertex_weights(rng, s, np.pi * i)
+        gain[hemi] = np.clip(0.2 + 0.9 * _smooth(rng, s, 1)[:, 0] ** 2, 0, 1.5) * (rng.random(n_group[hemi]) > 0.05)
+    all_feats = np.stack([features[i] for i in nsd_ids.tolist()])
+    feat_mean, feat_std = all_feats.mean(0), all_feats.std(0) + 1e-8
+
+    for k, masks in enumerate(track(subject_masks, "writing subjects", progress), start=1):
+        sdir = out / f"subj{k:02d}"
+        srng = np.random.default_rng([config.seed, 1000 + k])
+        train_ids = np.concatenate([shared_train, unique[k - 1]])
+        srng.shuffle(train_ids)
+        for split, ids in (("train", train_ids), ("test", test_ids)):
+            folder = sdir / ("training_split/training_images" if split == "train" else "test_split/test_images")
+            folder.mkdir(parents=True)
+            for row, nsd in enumerate(ids.tolist(), start=1):
+                _link(image_dir / f"{nsd}.png", folder / f"{split}-{row:04d}_nsd-{nsd:05d}.png")
+        (sdir / "training_split/training_fmri").mkdir(parents=True)
+        (sdir / "test_split/test_fmri").mkdir(parents=True)
+        (sdir / "test_split/noise_ceiling").mkdir(parents=True)
+        (sdir / "roi_masks").mkdir(parents=True)
+        for i, hemi in enumerate(HEMIS):
+            keep = np.searchsorted(group[hemi], np.flatnonzero(masks[hemi]))
+            s = keep / n_group[hemi]
+            w = shared_w[hemi][keep] + 0.35 * _vertex_weights(srng, s, np.pi * i + 0.3 * k)
+            for split, ids in (("train", train_ids), ("test", test_ids)):
+                x = (np.stack([features[j] for j in ids.tolist()]) - feat_mean) / feat_std
+                signal = x @ w.T
+                signal = (signal - signal.mean(0)) / (signal.std(0) + 1e-8) * gain[hemi][keep]
+                repeats = signal[:, None, :] + srng.normal(0, 1, (len(ids), N_REPEATS, len(keep)))
+                fmri = repeats.mean(1).astype(np.float32)
+                name = "training_split/training_fmri/{}_training_fmri.npy" if split == "train" \
+                    else "test_split/test_fmri/{}_test_fmri.npy"
+                np.save(sdir / name.format(hemi), fmri)
+                if split == "test":
+                    np.save(sdir / f"test_split/noise_ceiling/{hemi}_noise_ceiling.npy", _noise_ceiling(repeats))
+            np.save(sdir / f"roi_masks/{hemi}.all-vertices_fsaverage_space.npy", masks[hemi])
+            for g in ROI_GROUPS:
+                np.save(sdir / f"roi_masks/{hemi}.{g}_fsaverage_space.npy", fs_labels[g] * masks[hemi])
+                np.save(sdir / f"roi_masks/{hemi}.{g}_challenge_space.npy", fs_labels[g][masks[hemi] == 1])
+        for g in ROI_GROUPS:
+            mapping = {0: "Unknown"} | {j + 1: n for j, n in enumerate(_ROI_NAMES[g])}
+            np.save(sdir / f"roi_masks/mapping_{g}.npy", mapping)
+    for path in image_dir.iterdir():
+        path.unlink()
+    image_dir.rmdir()
+    logger.info("wrote %d subjects, %d unique images to %s", config.subjects, n_total, out)
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        dst.hardlink_to(src)
+    except OSError:  # filesystems without hard links
+        dst.write_bytes(src.read_bytes())

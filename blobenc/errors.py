@@ -1,0 +1,25 @@
+"""Typed errors. Library code raises these; only the CLI prints them."""
+
+
+class BlobencError(Exception):
+    """Base class: the message is one line that names the file, value or option at fault."""
+
+
+class DataError(BlobencError):
+    """A dataset file is missing or does not hold what the layout requires."""
+
+
+class PredictionError(BlobencError):
+    """A prediction file is missing or has the wrong shape, dtype or values."""
+
+
+class CacheError(BlobencError):
+    """A feature cache is missing, incomplete or was made with other settings."""
+
+
+class ModelError(BlobencError):
+    """A trunk cannot be built or its layers cannot be resolved."""
+
+
+class ConfigError(BlobencError):
+    """An option or config value is invalid."""
