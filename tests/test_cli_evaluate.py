@@ -91,8 +91,10 @@ def test_bad_prediction(small_data, tmp_path, damage, message):
     preds = write_preds(AlgonautsDataset(small_data), tmp_path / "pred")
     path = preds / "subj03" / "lh_pred_test.npy"
     np.save(path, damage(np.load(path)))
-    for cmd in (["evaluate", str(preds), "--data", str(small_data)],
-                ["submit", str(preds), "--data", str(small_data), "--out", str(tmp_path / "s.zip")]):
+    for cmd in (
+        ["evaluate", str(preds), "--data", str(small_data)],
+        ["submit", str(preds), "--data", str(small_data), "--out", str(tmp_path / "s.zip")],
+    ):
         res = runner.invoke(app, cmd)
         assert res.exit_code == 1
         assert "subj03/lh_pred_test.npy" in res.output and "Traceback" not in res.output

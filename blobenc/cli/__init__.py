@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from blobenc.cli.data import evaluate_command, submit_command, synth_command
+from blobenc.cli.features import extract_command, info_command, layers_command
 
 app = typer.Typer(
     name="blobenc",
@@ -14,6 +15,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command("synth")(synth_command)
+app.command("extract")(extract_command)
+app.command("layers")(layers_command)
+app.command("info")(info_command)
 app.command("evaluate")(evaluate_command)
 app.command("submit")(submit_command)
 

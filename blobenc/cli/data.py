@@ -35,8 +35,13 @@ def synth_command(
         for col in ("subject", "train images", "test images", "lh vertices", "rh vertices"):
             table.add_column(col, justify="right")
         for s in ds.subjects.values():
-            table.add_row(s.name, str(len(s.images["train"])), str(len(s.images["test"])),
-                          str(s.n_vertices["lh"]), str(s.n_vertices["rh"]))
+            table.add_row(
+                s.name,
+                str(len(s.images["train"])),
+                str(len(s.images["test"])),
+                str(s.n_vertices["lh"]),
+                str(s.n_vertices["rh"]),
+            )
         console.print(table)
         console.print(f"group space: {ds.group.n_vertices} vertices, {len(ds.unique_images())} unique images")
 
@@ -46,10 +51,25 @@ def score_table(result: dict, title: str) -> Table:
     for col in ("subject", "score (%)", "score, nc>0 (%)", "median r", "mean r", "median R²", "vertices"):
         table.add_column(col, justify="right")
     for name, s in result["subjects"].items():
-        table.add_row(name, f"{s['score']:.2f}", f"{s['score_nonzero_nc']:.2f}", f"{s['median_r']:.3f}",
-                      f"{s['mean_r']:.3f}", f"{s['median_r2']:.3f}", str(s["n_vertices"]))
-    table.add_row("[bold]mean", f"[bold]{result['score']:.2f}", f"[bold]{result['score_nonzero_nc']:.2f}",
-                  f"{result['median_r']:.3f}", "", "", "", end_section=True)
+        table.add_row(
+            name,
+            f"{s['score']:.2f}",
+            f"{s['score_nonzero_nc']:.2f}",
+            f"{s['median_r']:.3f}",
+            f"{s['mean_r']:.3f}",
+            f"{s['median_r2']:.3f}",
+            str(s["n_vertices"]),
+        )
+    table.add_row(
+        "[bold]mean",
+        f"[bold]{result['score']:.2f}",
+        f"[bold]{result['score_nonzero_nc']:.2f}",
+        f"{result['median_r']:.3f}",
+        "",
+        "",
+        "",
+        end_section=True,
+    )
     return table
 
 

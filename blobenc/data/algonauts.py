@@ -25,8 +25,10 @@ SPLITS = ("train", "test")
 _SUBJECT_RE = re.compile(r"^subj(\d\d)$")
 _IMAGE_RE = re.compile(r"^(train|test)-(\d+)_nsd-(\d+)\.png$")
 _IMAGE_DIRS = {"train": "training_split/training_images", "test": "test_split/test_images"}
-_FMRI_FILES = {"train": "training_split/training_fmri/{hemi}_training_fmri.npy",
-               "test": "test_split/test_fmri/{hemi}_test_fmri.npy"}
+_FMRI_FILES = {
+    "train": "training_split/training_fmri/{hemi}_training_fmri.npy",
+    "test": "test_split/test_fmri/{hemi}_test_fmri.npy",
+}
 
 
 def _scan_images(folder: Path, split: str) -> tuple[tuple[Path, ...], np.ndarray]:
@@ -91,8 +93,9 @@ class Subject:
             return None
         nc = np.asarray(load_array(path, shape=(self.n_vertices[hemi],), finite=True), dtype=np.float64)
         if nc.min(initial=0) < 0 or nc.max(initial=0) > 1:
-            raise DataError(f"{path}: expected noise ceilings as fractions in [0, 1], found range "
-                            f"[{nc.min():.3g}, {nc.max():.3g}]")
+            raise DataError(
+                f"{path}: expected noise ceilings as fractions in [0, 1], found range [{nc.min():.3g}, {nc.max():.3g}]"
+            )
         return nc
 
     def roi_labels(self, group: str, hemi: str) -> tuple[np.ndarray, dict[int, str]] | None:
@@ -131,12 +134,17 @@ class GroupSpace:
         return np.concatenate(parts)
 
     def to_dict(self) -> dict:
-        return {h: {"fsaverage_size": self.fsaverage_size[h],
-                    "fsaverage_index": self.fsaverage_index[h].tolist()} for h in HEMIS}
+        return {
+            h: {"fsaverage_size": self.fsaverage_size[h], "fsaverage_index": self.fsaverage_index[h].tolist()}
+            for h in HEMIS
+        }
 
     def same_as(self, other: GroupSpace) -> bool:
-        return all(self.fsaverage_size[h] == other.fsaverage_size[h]
-                   and np.array_equal(self.fsaverage_index[h], other.fsaverage_index[h]) for h in HEMIS)
+        return all(
+            self.fsaverage_size[h] == other.fsaverage_size[h]
+            and np.array_equal(self.fsaverage_index[h], other.fsaverage_index[h])
+            for h in HEMIS
+        )
 
 
 @dataclass(frozen=True)
@@ -168,8 +176,7 @@ class ValidationSplit:
         return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"seed": self.seed, "fraction": self.fraction,
-                                    "val_ids": self.val_ids.tolist()}))
+        path.write_text(json.dumps({"seed": self.seed, "fraction": self.fraction, "val_ids": self.val_ids.tolist()}))
 
     @classmethod
     def load(cls, path: Path) -> ValidationSplit:
@@ -230,8 +237,9 @@ class AlgonautsDataset:
         for hemi in HEMIS:
             lengths = {len(s.fsaverage_masks[hemi]) for s in self.subjects.values()}
             if len(lengths) != 1:
-                raise DataError(f"{self.root}: {hemi} fsaverage masks differ in length across subjects: "
-                                f"{sorted(lengths)}")
+                raise DataError(
+                    f"{self.root}: {hemi} fsaverage masks differ in length across subjects: {sorted(lengths)}"
+                )
             sizes[hemi] = lengths.pop()
             union = np.logical_or.reduce([s.fsaverage_masks[hemi] for s in self.subjects.values()])
             index[hemi] = np.flatnonzero(union)

@@ -76,8 +76,11 @@ def make_image(rng: np.random.Generator, size: int) -> np.ndarray:
     for _ in range(rng.integers(1, 5)):
         cy, cx = rng.uniform(0.1, 0.9, 2)
         ry, rx = rng.uniform(0.05, 0.25, 2)
-        inside = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1) if rng.random() < 0.5 else (
-            (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx))
+        inside = (
+            (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+            if rng.random() < 0.5
+            else ((np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx))
+        )
         img[inside] = rng.uniform(0, 1, 3)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
@@ -108,8 +111,10 @@ def _vertex_weights(rng: np.random.Generator, s: np.ndarray, hemi_phase: float) 
     cx = 0.5 + 0.35 * np.cos(2 * np.pi * 3 * s) + 0.05 * _smooth(rng, s, 1)[:, 0]
     sigma = 0.07 + 0.2 * s
     grid = (np.arange(_GRID) + 0.5) / _GRID
-    rf = np.exp(-((grid[None, :, None] - cy[:, None, None]) ** 2 + (grid[None, None, :] - cx[:, None, None]) ** 2)
-                / (2 * sigma[:, None, None] ** 2))
+    rf = np.exp(
+        -((grid[None, :, None] - cy[:, None, None]) ** 2 + (grid[None, None, :] - cx[:, None, None]) ** 2)
+        / (2 * sigma[:, None, None] ** 2)
+    )
     rf /= rf.sum((1, 2), keepdims=True)
     tuning = _smooth(rng, s, _N_FEATURES)
     return (tuning[:, :, None, None] * rf[:, None]).reshape(len(s), -1)
@@ -127,7 +132,9 @@ def _noise_ceiling(repeats: np.ndarray) -> np.ndarray:
 
 def _masks(rng: np.random.Generator, n_subjects: int, spec: dict) -> tuple[dict, list[dict]]:
     """Group fsaverage indices per hemi and each subject's 0/1 fsaverage mask."""
-    group = {h: np.sort(rng.choice(spec["fsaverage"], n, replace=False)) for h, n in zip(HEMIS, spec["group"], strict=True)}
+    group = {
+        h: np.sort(rng.choice(spec["fsaverage"], n, replace=False)) for h, n in zip(HEMIS, spec["group"], strict=True)
+    }
     subject_masks = []
     for k in range(1, n_subjects + 1):
         counts = spec.get(f"subj{k:02d}", spec["group"])
@@ -177,8 +184,8 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
     n_total = n_shared_train + config.test_images + config.subjects * n_unique
     nsd_ids = rng.choice(73000, size=n_total, replace=False)
     shared_train = nsd_ids[:n_shared_train]
-    test_ids = nsd_ids[n_shared_train:n_shared_train + config.test_images]
-    unique = nsd_ids[n_shared_train + config.test_images:].reshape(config.subjects, n_unique)
+    test_ids = nsd_ids[n_shared_train : n_shared_train + config.test_images]
+    unique = nsd_ids[n_shared_train + config.test_images :].reshape(config.subjects, n_unique)
 
     features: dict[int, np.ndarray] = {}
     image_dir = out / ".images"  # render each unique image once, then hard-link or copy it
@@ -224,8 +231,11 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
                 signal = (signal - signal.mean(0)) / (signal.std(0) + 1e-8) * gain[hemi][keep]
                 repeats = signal[:, None, :] + srng.normal(0, 1, (len(ids), N_REPEATS, len(keep)))
                 fmri = repeats.mean(1).astype(np.float32)
-                name = "training_split/training_fmri/{}_training_fmri.npy" if split == "train" \
+                name = (
+                    "training_split/training_fmri/{}_training_fmri.npy"
+                    if split == "train"
                     else "test_split/test_fmri/{}_test_fmri.npy"
+                )
                 np.save(sdir / name.format(hemi), fmri)
                 if split == "test":
                     np.save(sdir / f"test_split/noise_ceiling/{hemi}_noise_ceiling.npy", _noise_ceiling(repeats))

@@ -1,0 +1,151 @@
+"""`extract`, `layers` and `info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from blobenc.cli._common import (
+    CacheArg,
+    DeviceOpt,
+    JsonOpt,
+    LayersOpt,
+    ModelOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    QuietOpt,
+    SeedOpt,
+    WeightsOpt,
+    console,
+    errors,
+    setup_logging,
+    write_json,
+)
+from blobenc.data.algonauts import AlgonautsDataset
+from blobenc.defaults import DEFAULT_LAYERS, DEFAULT_MODEL
+from blobenc.errors import ConfigError
+
+# torch, timm and zarr are imported inside the commands: `blobenc --help` and completion stay fast.
+
+
+def extract_command(
+    data: Annotated[
+        Path | None, typer.Argument(help="Dataset root (Algonauts layout); every unique image once.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="The feature cache to write (a Zarr v3 group).")] = Path("cache"),
+    images: Annotated[Path | None, typer.Option("--images", help="Any folder of images, instead of DATA.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: LayersOpt = None,
+    pretrained: PretrainedOpt = True,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    store_dtype: Annotated[str, typer.Option(help="float16 (half the bytes) or float32.")] = "float16",
+    pool: Annotated[int | None, typer.Option(help="Average-pool patch tokens to an N x N grid.")] = None,
+    views: Annotated[int, typer.Option(help="Views per image: centre crop + K-1 random resized crops.")] = 1,
+    crop_scale: Annotated[float, typer.Option(help="Smallest crop area fraction of the random views.")] = 0.8,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: cores - 1, at most 8).")] = None,
+    chunk_images: Annotated[int | None, typer.Option(help="Images per chunk (default: ~16 MiB chunks).")] = None,
+    shard: Annotated[str | None, typer.Option(help="I/N: fill only shard I of N (torchrun: from RANK).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing cache and start over.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a timm trunk once over every image and cache several layers' activations (resumable)."""
+    from blobenc.features.cache import FeatureCache
+    from blobenc.features.extract import ExtractConfig, extract, parse_shard
+    from blobenc.features.images import list_images
+    from blobenc.features.trunk import TrunkSpec
+
+    setup_logging(quiet)
+    with errors():
+        if (data is None) == (images is None):
+            raise ConfigError("give either DATA (an Algonauts-layout root) or --images DIR, not both or neither")
+        if images is not None:
+            keys, paths = list_images(images)
+        else:
+            index = AlgonautsDataset(data).unique_images()
+            keys, paths = index.keys, list(index.paths)
+        config = ExtractConfig(
+            trunk=TrunkSpec(model, pretrained, str(weights) if weights else None, seed),
+            layers=tuple(layers or DEFAULT_LAYERS),
+            store_dtype=store_dtype,
+            pool=pool,
+            views=views,
+            crop_scale=crop_scale,
+            batch_size=batch_size,
+            num_workers=workers,
+            chunk_images=chunk_images,
+            device=device,
+            precision=precision,
+        )
+        summary = extract(keys, paths, out, config, shard=parse_shard(shard), overwrite=overwrite, progress=not quiet)
+        info = FeatureCache.open(out, allow_incomplete=True).info()
+    write_json(json_out, summary | {"info": info})
+    if not quiet:
+        console.print(info_table(info, summary))
+
+
+def info_table(info: dict, summary: dict | None = None) -> Table:
+    table = Table(title=f"feature cache {info['path']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    trunk = info["trunk"]
+    source = trunk["weights"] or ("pretrained" if trunk["pretrained"] else f"random init, seed {trunk['seed']}")
+    rows = [
+        ("trunk", f"{trunk['model']} ({source})"),
+        ("weights fingerprint", info["weights_fingerprint"]),
+        ("input", f"{info['preprocessing']['input_size']} {info['preprocessing']['interpolation']}"),
+        ("dtype / pool / views", f"{info['dtype']} / {info['pool'] or '-'} / {info['views']}"),
+        ("images", str(info["images"])),
+        ("chunks", f"{info['chunks_done']}/{info['chunks_total']} complete ({info['chunk_images']} images each)"),
+        ("bytes per image", f"{info['bytes_per_image'] / 1e6:.3f} MB"),
+        ("on disk", f"{info['bytes_on_disk'] / 1e6:.1f} MB (compression ratio {info['compression_ratio']:.2f})"),
+    ]
+    rows += [(f"layer {name}", " x ".join(map(str, d["shape"]))) for name, d in info["layers"].items()]
+    if summary and summary["images_done"]:
+        rows.append(
+            (
+                "this run",
+                f"{summary['images_done']} images in {summary['seconds']:.1f} s "
+                f"({summary['images_per_s']:.1f} img/s, {summary['mb_written']:.1f} MB written)",
+            )
+        )
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def info_command(cache: CacheArg, json_out: JsonOpt = None, quiet: QuietOpt = False) -> None:
+    """Show what a feature cache holds: trunk, layers, shapes, progress, bytes on disk."""
+    from blobenc.features.cache import FeatureCache
+
+    with errors():
+        info = FeatureCache.open(cache, allow_incomplete=True).info()
+    write_json(json_out, info)
+    if not quiet:
+        console.print(info_table(info))
+
+
+def layers_command(
+    model: Annotated[str, typer.Argument(help="Any timm model name.")],
+    filter_: Annotated[str | None, typer.Option("--filter", help="Glob over module names.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained")] = False,
+) -> None:
+    """List a model's module names with their output shapes, to choose --layers."""
+    from blobenc.features.trunk import TrunkSpec, all_layer_shapes, create_trunk, preprocessing
+
+    with errors():
+        trunk = create_trunk(TrunkSpec(model, pretrained))
+        rows = all_layer_shapes(trunk, preprocessing(trunk), filter_)
+    table = Table(title=f"{model}: modules and output shapes (batch dimension left out)")
+    table.add_column("module")
+    table.add_column("output shape", justify="right")
+    for name, shape in rows:
+        table.add_row(name, " x ".join(map(str, shape)) if shape else "-")
+    console.print(table)

@@ -1,0 +1,1 @@
+"""Trunks, image loading, the feature cache and extraction."""

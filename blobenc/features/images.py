@@ -1,0 +1,67 @@
+"""Image files as a torch Dataset: decoding in DataLoader workers, errors reported, not raised."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from blobenc.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def list_images(folder: Path) -> tuple[list[str], list[Path]]:
+    """Keys (relative paths) and paths of every image below `folder`, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: images folder not found")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [p.relative_to(folder).as_posix() for p in paths], paths
+
+
+class ImageViews(Dataset):
+    """Item i: (row, views (V, 3, H, W), error message or '').
+
+    View 0 is `transform` (the eval centre crop); views 1..V-1 are `augment` drawn with
+    a generator seeded by (seed, row, view), so a resumed run draws the same crops.
+    A file that cannot be decoded yields zeros and its error, so the caller can stop
+    cleanly after writing what came before it, instead of a worker traceback.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        rows: Sequence[int],
+        transform: Callable,
+        input_size: Sequence[int],
+        views: int = 1,
+        augment: Callable | None = None,
+        seed: int = 0,
+    ):
+        self.paths, self.rows = list(paths), list(rows)
+        self.transform, self.augment = transform, augment
+        self.input_size, self.views, self.seed = tuple(input_size), views, seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        path = self.paths[row]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            return row, torch.zeros(self.views, *self.input_size), f"{path}: cannot read image ({e})"
+        out = [self.transform(img)]
+        for v in range(1, self.views):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, row, v)) & 0x7FFF_FFFF)
+                out.append(self.augment(img))
+        return row, torch.stack(out), ""
