@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -134,18 +135,18 @@ class _BackgroundWriter:
 
 
 def _to_store(name: str, x: torch.Tensor, dtype: str) -> np.ndarray:
-    x = x.float()
-    if not torch.isfinite(x).all():
+    # One reduction checks NaN (max propagates it), inf and float16 overflow at once.
+    peak = float(x.abs().amax())
+    if not math.isfinite(peak):
         raise CacheError(f"layer {name!r} produced NaN or inf values")
     if dtype == "float16":
-        peak = float(x.abs().max())
         if peak > FLOAT16_MAX:
             raise CacheError(
                 f"layer {name!r} has values up to {peak:.3g}, beyond float16's range "
                 f"({FLOAT16_MAX:.0f}); use --store-dtype float32"
             )
-        x = x.half()
-    return x.cpu().numpy()
+        return x.half().cpu().numpy()
+    return x.float().cpu().numpy()
 
 
 def extract(
