@@ -1,0 +1,105 @@
+"""`fit-head` and `predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from blobenc.cli._common import (
+    CacheArg,
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    PrecisionOpt,
+    QuietOpt,
+    console,
+    errors,
+    setup_logging,
+    write_json,
+)
+from blobenc.cli.data import score_table
+
+
+def fit_head_command(
+    cache: CacheArg,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write (must be new unless --resume).")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of config keys (reference keys).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable.")] = None,
+    sweep: Annotated[
+        list[str] | None, typer.Option("--sweep", help="key=v1,v2,... repeatable: every combination, one pass.")
+    ] = None,
+    pca: Annotated[Path | None, typer.Option("--pca", help="Reuse a group PCA file instead of fitting one.")] = None,
+    pca_components: Annotated[int | None, typer.Option(help="PCA components (= proj_dim; default 2048).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit the group PCA and train the multi-subject head from a feature cache (phase 1)."""
+    from blobenc.train.config import load_config, sweep_configs
+    from blobenc.train.fit import fit_head
+
+    setup_logging(quiet, out / "log.txt")
+    with errors():
+        overrides = list(set_ or []) + [f"device={device}", f"precision={precision}"]
+        if pca_components is not None:
+            overrides.append(f"proj_dim={pca_components}")
+        base = load_config(config, overrides)
+        configs = sweep_configs(base, sweep or []) if sweep else [base]
+        summary = fit_head(cache, data, out, configs, pca_path=pca, resume=resume, progress=not quiet)
+    if quiet:
+        return
+    table = Table(title=f"fit-head {out}: validation (best epoch per trial)")
+    for col in ("trial", "best epoch", "median R²", "swept"):
+        table.add_column(col, justify="right")
+    swept = {k for item in sweep or [] for k in [item.partition("=")[0].strip()]}
+    for row in summary["trials"]:
+        cfg = ", ".join(f"{k}={row['config'][k]}" for k in sorted(swept))
+        status = f"{row['median_r2']:.4f}" + (" (stopped)" if row["failed"] else "")
+        table.add_row(row["dir"], str(row["best_epoch"]), status, cfg)
+    console.print(table)
+    subjects = Table(title=f"best: {summary['trial']}, epoch {summary['best_epoch']}")
+    for col in ("subject", "median R²", "mean r", "val samples"):
+        subjects.add_column(col, justify="right")
+    for name, s in summary["val"]["subjects"].items():
+        subjects.add_row(name, f"{s['median_r2']:.4f}", f"{s['mean_r']:.4f}", str(s["n"]))
+    subjects.add_row("[bold]group", f"[bold]{summary['val']['median_r2']:.4f}", f"{summary['val']['mean_r']:.4f}", "")
+    console.print(subjects)
+    console.print(f"{summary['samples_per_s']:.0f} samples/s per pass, {summary['seconds']:.1f} s")
+
+
+def predict_command(
+    run: Annotated[Path, typer.Argument(help="A fit-head run (or sweep) folder.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for subjNN/{lh,rh}_pred_<split>.npy.")],
+    subject: Annotated[str, typer.Option("--subject", help="subjNN or 'all'.")] = "all",
+    split: Annotated[str, typer.Option(help="test or train.")] = "test",
+    cache: Annotated[Path | None, typer.Option(help="Feature cache (default: the one the run used).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Predict subjects' responses in their own vertex space; scores itself when test fMRI exist."""
+    from blobenc.predict import predict
+
+    setup_logging(quiet)
+    with errors():
+        scores = predict(run, data, out, subject, split, cache, batch_size, device, precision, progress=not quiet)
+    if scores:
+        result = {
+            "score": sum(s["score"] for s in scores.values()) / len(scores),
+            "score_nonzero_nc": sum(s["score_nonzero_nc"] for s in scores.values()) / len(scores),
+            "median_r": sum(s["median_r"] for s in scores.values()) / len(scores),
+            "subjects": scores,
+        }
+        write_json(json_out, result)
+        if not quiet:
+            console.print(score_table(result, f"predictions in {out}"))
+    elif not quiet:
+        console.print(f"wrote predictions to {out}")

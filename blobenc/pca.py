@@ -1,0 +1,144 @@
+"""Group PCA: the frozen embedding from the head's low dimension back to group vertex space."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from sklearn.decomposition import PCA
+
+from blobenc.data.algonauts import HEMIS, GroupSpace
+from blobenc.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+class GroupPCA:
+    """PCA of responses in group space, with missing entries handled by EM imputation.
+
+    The rows come from several subjects; the vertices a subject lacks are missing,
+    not zero. They start at the vertex mean (so they add nothing to the first fit)
+    and are then replaced, `n_iter` times, by their reconstruction from the
+    current components (EM-PCA), so they follow the low-rank structure the
+    observed vertices show instead of pulling the components toward the mean.
+
+    Parameters
+    ----------
+    n_components : int, capped at min(n_samples, n_vertices).
+    backend : "auto" (torch low-rank SVD on CUDA, else scikit-learn's randomized PCA),
+        "sklearn" or "torch".
+
+    Fitted attributes: components_ (n_components, n_vertices), mean_ (n_vertices,),
+    explained_variance_ (n_components,), explained_variance_ratio_ (n_components,).
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2048,
+        *,
+        backend: str = "auto",
+        n_iter: int = 2,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        if backend not in ("auto", "sklearn", "torch"):
+            raise ConfigError(f"PCA backend {backend!r}: expected auto, sklearn or torch")
+        self.n_components, self.backend, self.n_iter, self.seed = n_components, backend, n_iter, seed
+        self.device = torch.device(device)
+        self.group: GroupSpace | None = None
+
+    def fit(self, Y: np.ndarray, mask: np.ndarray | None = None) -> GroupPCA:
+        """Y: (n_samples, n_vertices); mask: same shape, True where observed (None: all observed)."""
+        Y = np.array(Y, dtype=np.float32, copy=True)
+        n, v = Y.shape
+        k = min(self.n_components, n, v)
+        if k < 1:
+            raise DataError(f"cannot fit a PCA on {n} samples x {v} vertices")
+        if mask is not None:
+            counts = mask.sum(0)
+            if (counts == 0).any():
+                raise DataError(f"{int((counts == 0).sum())} group vertices are observed in no sample")
+            mean = np.where(mask, Y, 0).sum(0) / counts
+            Y[~mask] = np.broadcast_to(mean, Y.shape)[~mask]
+        for it in range(1 + (self.n_iter if mask is not None and not mask.all() else 0)):
+            self._fit_complete(Y, k)
+            if it < self.n_iter and mask is not None:
+                recon = self.inverse_transform(self.transform(Y))
+                Y[~mask] = recon[~mask]
+        return self
+
+    def _fit_complete(self, Y: np.ndarray, k: int) -> None:
+        backend = self.backend
+        if backend == "auto":
+            backend = "torch" if self.device.type == "cuda" else "sklearn"
+        total_var = Y.var(0, ddof=1).sum()
+        if backend == "sklearn":
+            pca = PCA(n_components=k, svd_solver="randomized" if k < min(Y.shape) else "full", random_state=self.seed)
+            pca.fit(Y)
+            self.mean_ = pca.mean_.astype(np.float32)
+            self.components_ = pca.components_.astype(np.float32)
+            self.explained_variance_ = pca.explained_variance_.astype(np.float32)
+        else:
+            torch.manual_seed(self.seed)
+            y = torch.as_tensor(Y, device=self.device)
+            mean = y.mean(0)
+            _, s, vt = torch.svd_lowrank(y - mean, q=min(k + 10, min(Y.shape)), niter=6)
+            self.mean_ = mean.cpu().numpy()
+            self.components_ = vt.T[:k].contiguous().cpu().numpy()
+            self.explained_variance_ = (s[:k] ** 2 / (len(Y) - 1)).cpu().numpy()
+            # sign convention as scikit-learn's svd_flip (largest |loading| positive) for comparability
+            signs = np.sign(self.components_[np.arange(k), np.abs(self.components_).argmax(1)])
+            self.components_ *= signs[:, None]
+        self.explained_variance_ratio_ = self.explained_variance_ / total_var
+
+    def transform(self, Y: np.ndarray) -> np.ndarray:
+        """(n, n_vertices) -> (n, n_components)."""
+        return (np.asarray(Y, dtype=np.float32) - self.mean_) @ self.components_.T
+
+    def inverse_transform(self, Z: np.ndarray) -> np.ndarray:
+        """(n, n_components) -> (n, n_vertices)."""
+        return np.asarray(Z, dtype=np.float32) @ self.components_ + self.mean_
+
+    def save(self, path: Path | str) -> None:
+        """safetensors: components, mean, explained variance and the group space it belongs to."""
+        if self.group is None:
+            raise ConfigError("set GroupPCA.group (the vertex space) before saving")
+        tensors = {
+            "components": self.components_,
+            "mean": self.mean_,
+            "explained_variance": self.explained_variance_,
+            "explained_variance_ratio": self.explained_variance_ratio_.astype(np.float32),
+        }
+        for hemi in HEMIS:
+            tensors[f"{hemi}_fsaverage_index"] = self.group.fsaverage_index[hemi].astype(np.int64)
+        meta = {"format": "blobenc.group_pca", "version": "1", "fsaverage_size": json.dumps(self.group.fsaverage_size)}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path | str) -> GroupPCA:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: PCA file not found")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for foreign files
+            raise DataError(f"{path}: not a safetensors file ({type(e).__name__})") from None
+        if meta.get("format") != "blobenc.group_pca":
+            raise DataError(f"{path}: not a blobenc group PCA file")
+        pca = cls(len(tensors["components"]))
+        pca.components_, pca.mean_ = tensors["components"], tensors["mean"]
+        pca.explained_variance_ = tensors["explained_variance"]
+        pca.explained_variance_ratio_ = tensors["explained_variance_ratio"]
+        pca.group = GroupSpace(
+            {h: tensors[f"{h}_fsaverage_index"] for h in HEMIS},
+            {h: int(s) for h, s in json.loads(meta["fsaverage_size"]).items()},
+        )
+        return pca

@@ -1,0 +1,160 @@
+"""`blobenc predict`: a subject's predictions in its own vertex space, from a fit-head run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from blobenc.data.algonauts import AlgonautsDataset
+from blobenc.errors import CacheError, ConfigError, ModelError
+from blobenc.predictions import score_subject, write_predictions
+from blobenc.progress import track
+from blobenc.runtime import autocast, resolve_device, resolve_precision
+from blobenc.train.data import nsd_keys
+from blobenc.train.fit import group_of, load_model
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureSource:
+    """Layer features for image keys: cache rows where the cache has them, the trunk for the rest."""
+
+    def __init__(self, spec: dict, cache_path: Path | None, device: torch.device, amp):
+        from blobenc.features.cache import FeatureCache
+
+        self.spec, self.device, self.amp = spec, device, amp
+        self.layers = spec["layers"]
+        self.cache = None
+        path = cache_path or spec.get("cache")
+        if path is not None and Path(path).exists():
+            cache = FeatureCache.open(path)
+            if cache.attrs["weights_fingerprint"] != spec["features"]["weights_fingerprint"]:
+                raise CacheError(f"{path}: made with other trunk weights than the run was trained on")
+            self.cache = cache
+        self._trunk = None
+
+    def _trunk_features(self, paths: list[Path], batch_size: int) -> list[np.ndarray]:
+        from blobenc.features.images import ImageViews
+        from blobenc.features.trunk import LayerCapture, TrunkSpec, create_trunk, eval_transform, pool_features
+        from blobenc.features.trunk import weights_fingerprint as fingerprint
+
+        feats = self.spec["features"]
+        if self._trunk is None:
+            trunk = create_trunk(TrunkSpec(**feats["trunk"]))
+            if fingerprint(trunk) != feats["weights_fingerprint"]:
+                raise ModelError(
+                    f"the rebuilt trunk {feats['model']} does not match the weights the run was "
+                    "trained on (fingerprint differs); give --cache or the same --weights"
+                )
+            self._trunk = trunk.to(self.device)
+        prep = feats["preprocessing"]
+        ds = ImageViews(paths, range(len(paths)), eval_transform(prep), prep["input_size"])
+        capture = LayerCapture(self._trunk, self.layers)
+        out: list[list[np.ndarray]] = [[] for _ in self.layers]
+        try:
+            with torch.inference_mode():
+                for _, x, errs in DataLoader(ds, batch_size=batch_size):
+                    bad = [e for e in errs if e]
+                    if bad:
+                        raise CacheError(bad[0])
+                    with autocast(self.device, self.amp):
+                        got = capture(x.flatten(0, 1).to(self.device))
+                    for j, name in enumerate(self.layers):
+                        f = got[name]
+                        if feats["pool"]:
+                            f = pool_features(f, feats["pool"], feats["num_prefix_tokens"])
+                        # the head was trained on the cache's dtype: round the same way
+                        out[j].append(f.to(getattr(torch, feats["dtype"])).cpu().numpy())
+        finally:
+            capture.remove()
+        return [np.concatenate(o) for o in out]
+
+    def features(self, keys: list[str], paths: list[Path], batch_size: int) -> list[torch.Tensor]:
+        n = len(keys)
+        result = None
+        in_cache = np.zeros(n, bool)
+        if self.cache is not None:
+            rows = np.asarray([self.cache.row_of.get(k, -1) for k in keys])
+            in_cache = rows >= 0
+            if in_cache.any():
+                cached = []
+                for name in self.layers:
+                    arr = self.cache.array(name)
+                    order = np.argsort(rows[in_cache])
+                    sorted_rows = rows[in_cache][order]
+                    block = arr.get_orthogonal_selection((sorted_rows,))
+                    if self.cache.attrs["views"] > 1:
+                        block = block[:, 0]
+                    unsorted = np.empty_like(block)
+                    unsorted[order] = block
+                    cached.append(unsorted)
+                result = [np.empty((n, *c.shape[1:]), c.dtype) for c in cached]
+                for r, c in zip(result, cached, strict=True):
+                    r[in_cache] = c
+        if (~in_cache).any():
+            missing = np.flatnonzero(~in_cache)
+            logger.info("running the trunk on %d images not in the cache", len(missing))
+            computed = self._trunk_features([paths[i] for i in missing], batch_size)
+            if result is None:
+                result = [np.empty((n, *c.shape[1:]), c.dtype) for c in computed]
+            for r, c in zip(result, computed, strict=True):
+                r[missing] = c
+        return [torch.from_numpy(r) for r in result]
+
+
+def predict(
+    run: Path | str,
+    data_root: Path | str,
+    out: Path | str,
+    subjects: str = "all",
+    split: str = "test",
+    cache: Path | str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Write PRED/subjNN/{lh,rh}_pred_<split>.npy; returns scores per subject where fMRI exist."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"--split {split!r}: expected train or test")
+    model, spec = load_model(run)
+    dataset = AlgonautsDataset(data_root)
+    if not group_of(spec).same_as(dataset.group):
+        raise ConfigError(f"{data_root}: its group vertex space differs from the one the run was trained in")
+    names = spec["subjects"] if subjects == "all" else [subjects]
+    for name in names:
+        if name not in spec["subjects"]:
+            raise ConfigError(f"--subject {name}: the run was trained on {', '.join(spec['subjects'])}")
+        if name not in dataset.subjects:
+            raise ConfigError(f"--subject {name}: not in {data_root}")
+    dev = resolve_device(device)
+    amp = resolve_precision(precision, dev)
+    model.to(dev)
+    source = (
+        FeatureSource(spec, Path(cache) if cache else None, dev, amp)
+        if use_cache
+        else FeatureSource(spec | {"cache": None}, None, dev, amp)
+    )
+    scores = {}
+    for name in track(names, "predicting", progress):
+        subject = dataset.subjects[name]
+        feats = source.features(nsd_keys(subject.nsd_ids[split]), list(subject.images[split]), batch_size)
+        idx = torch.full((batch_size,), spec["subjects"].index(name), device=dev)
+        preds = []
+        with torch.no_grad():
+            for start in range(0, len(feats[0]), batch_size):
+                chunk = [f[start : start + batch_size].to(dev).float() for f in feats]
+                with autocast(dev, amp):
+                    preds.append(model(chunk, idx[: len(chunk[0])]).float().cpu())
+        group_pred = torch.cat(preds).numpy()
+        native = group_pred[:, dataset.group_index(name)]
+        write_predictions(Path(out), subject, native, split)
+        if subject.has_fmri(split) and split == "test":
+            n_lh = subject.n_vertices["lh"]
+            scores[name] = score_subject(subject, {"lh": native[:, :n_lh], "rh": native[:, n_lh:]}, split)
+    return scores

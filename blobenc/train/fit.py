@@ -1,0 +1,325 @@
+"""`blobenc fit-head`: group PCA plus one or many heads trained from the cache in one pass (docs/fit-head.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.progress import TextColumn
+
+from blobenc.data.algonauts import AlgonautsDataset, GroupSpace, ValidationSplit
+from blobenc.errors import BlobencError, ConfigError
+from blobenc.features.cache import FeatureCache
+from blobenc.heads import create_head
+from blobenc.pca import GroupPCA
+from blobenc.progress import make_progress
+from blobenc.runtime import resolve_device, resolve_precision
+from blobenc.train.checkpoint import (
+    load_optimizer_state,
+    load_weights,
+    optimizer_state,
+    read_json,
+    save_weights,
+    write_json,
+)
+from blobenc.train.config import HeadConfig
+from blobenc.train.data import HeadData
+from blobenc.train.loop import Trial, epoch_batches, predict_group, train_step, validation_scores
+
+logger = logging.getLogger(__name__)
+RUN_FORMAT = "blobenc.run"
+
+
+class TrainingError(BlobencError):
+    """Training cannot go on (a non-finite loss in every trial)."""
+
+
+def _trial_dir(out: Path, k: int, n: int) -> Path:
+    return out if n == 1 else out / f"trial-{k:02d}"
+
+
+def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_components: int) -> dict:
+    layers = list(cfg.layers or data.layers)
+    return {
+        "format": RUN_FORMAT,
+        "head": cfg.head,
+        "kwargs": {
+            "layer_shapes": [data.layer_shapes[data.layers.index(n)] for n in layers],
+            "n_subjects": len(data.subjects),
+            "n_vertices": data.group.n_vertices,
+            "hidden_dim": cfg.hidden_dim,
+            "proj_dim": n_components,
+            "dropout": cfg.dropout,
+        },
+        "subjects": data.subjects,
+        "layers": layers,
+        "features": {
+            k: cache.attrs[k]
+            for k in (
+                "model",
+                "trunk",
+                "weights_fingerprint",
+                "preprocessing",
+                "pool",
+                "num_prefix_tokens",
+                "layer_shapes",
+                "views",
+                "dtype",
+            )
+        },
+        "cache": str(cache.path),
+        "group": data.group.to_dict(),
+    }
+
+
+def _evaluate(trial: Trial, data: HeadData, batch_size: int, device, amp) -> dict:
+    s = data.sets["val"]
+    batches = (
+        (([f for j, f in enumerate(feats) if j in trial.layer_idx]), subj)
+        for feats, subj, _, _ in (
+            data.batch("val", idx) for idx in np.array_split(np.arange(len(s)), max(1, math.ceil(len(s) / batch_size)))
+        )
+    )
+    pred = predict_group(trial.model, batches, device, amp).numpy()
+    return validation_scores(
+        pred,
+        s.target.cpu().numpy(),
+        s.subject,
+        data.subjects,
+        lambda name: data.group_index[name],
+        data.group.n_vertices,
+    )
+
+
+def fit_head(
+    cache_path: Path | str,
+    data_root: Path | str,
+    out: Path | str,
+    configs: list[HeadConfig],
+    *,
+    pca_path: Path | str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train every config in `configs` in one pass over the data; returns the run summary."""
+    out = Path(out)
+    base = configs[0]
+    run_file = out / "run.json"
+    if resume:
+        stored = read_json(run_file)
+        if stored.get("configs") != [c.to_dict() for c in configs]:
+            raise ConfigError(
+                f"{out}: --resume with other settings than the run was started with; resume with the same options"
+            )
+    elif out.exists() and any(p.name != "log.txt" for p in out.iterdir()):  # the CLI's log may be there
+        raise ConfigError(f"{out}: exists and is not empty; use --resume to continue it or a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(base.device)
+    amp = resolve_precision(base.precision, device)
+    cache = FeatureCache.open(cache_path)
+    dataset = AlgonautsDataset(data_root)
+
+    split_file = out / "split.json"
+    split = ValidationSplit.load(split_file) if resume else dataset.validation_split(base.val_fraction, base.seed)
+    split.save(split_file)
+    wanted = {n for c in configs for n in (c.layers or cache.layers)}
+    data = HeadData(cache, dataset, split, [n for n in cache.layers if n in wanted], device, progress)
+
+    pca = _group_pca(out / "pca.safetensors", pca_path, resume, base, data)
+    n_components = len(pca.components_)
+    write_json(
+        run_file,
+        {
+            "format": RUN_FORMAT,
+            "kind": "fit-head",
+            "cache": str(cache_path),
+            "data": str(data_root),
+            "configs": [c.to_dict() for c in configs],
+            "pca_components": n_components,
+            "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
+        },
+    )
+
+    n_train = len(data.sets["train"])
+    steps_per_epoch = math.ceil(n_train / base.batch_size)
+    trials = []
+    for k, cfg in enumerate(configs):
+        tdir = _trial_dir(out, k, len(configs))
+        tdir.mkdir(exist_ok=True)
+        spec = _model_spec(cfg, data, cache, n_components)
+        torch.manual_seed(cfg.seed)  # same init whether trained alone or in a sweep
+        model = create_head(cfg.head, **spec["kwargs"])
+        model.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
+        model.to(device)
+        trial = Trial(
+            tdir.name if len(configs) > 1 else "run", cfg, model, [data.layers.index(n) for n in spec["layers"]]
+        )
+        trial.setup(base.epochs * steps_per_epoch)
+        write_json(tdir / "model.json", spec)
+        (tdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        trials.append((trial, tdir))
+
+    start_epoch = _restore(trials) if resume else 0
+    bar = make_progress(TextColumn("{task.fields[status]}"), enabled=progress)
+    t0 = time.perf_counter()
+    with bar:
+        task = bar.add_task("fit-head", total=(base.epochs - start_epoch) * steps_per_epoch, status="")
+        for epoch in range(start_epoch, base.epochs):
+            view_rng = np.random.default_rng([base.seed, epoch, 1])
+            losses = {id(t): [] for t, _ in trials}
+            for idx in epoch_batches(n_train, base.batch_size, base.seed, epoch):
+                feats, subject, target, mask = data.batch("train", idx, view_rng)
+                for trial, _ in trials:
+                    if trial.failed:
+                        continue
+                    loss = train_step(trial, feats, subject, target, mask, device, amp)
+                    if not math.isfinite(loss):
+                        trial.failed = f"loss became {loss} at epoch {epoch}, step {trial.step}"
+                        logger.error(
+                            "%s: %s; its best checkpoint (epoch %d) is kept", trial.name, trial.failed, trial.best_epoch
+                        )
+                    losses[id(trial)].append(loss)
+                bar.update(task, advance=1)
+            for trial, tdir in trials:
+                if trial.failed and trial.history and trial.history[-1].get("failed"):
+                    continue
+                _end_epoch(trial, tdir, epoch, losses[id(trial)], data, base.batch_size, device, amp)
+            best = max(trials, key=lambda t: t[0].best_score)[0]
+            bar.update(task, status=f"epoch {epoch + 1}/{base.epochs} best val median R² {best.best_score:.4f}")
+    seconds = time.perf_counter() - t0
+    return _summarize(out, trials, data, cache, seconds, n_train * (base.epochs - start_epoch))
+
+
+def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData) -> GroupPCA:
+    if pca_path is not None or resume:
+        pca = GroupPCA.load(pca_path if pca_path is not None else target)
+        if pca.group is None or not pca.group.same_as(data.group):
+            raise ConfigError(f"{pca_path or target}: fitted in another vertex space than this dataset's group space")
+    else:
+        Y, mask = data.train_targets()
+        pca = GroupPCA(base.proj_dim, seed=base.seed, device=data.masks.device).fit(Y, mask)
+        pca.group = data.group
+        logger.info(
+            "group PCA: %d components explain %.1f%% of the variance",
+            len(pca.components_),
+            100 * pca.explained_variance_ratio_.sum(),
+        )
+    if pca_path is not None or not resume:
+        pca.save(target)
+    return pca
+
+
+def _end_epoch(
+    trial: Trial, tdir: Path, epoch: int, losses: list[float], data: HeadData, batch_size: int, device, amp
+) -> None:
+    finite = [v for v in losses if math.isfinite(v)]
+    record = {
+        "epoch": epoch,
+        "train_loss": float(np.mean(finite)) if finite else None,
+        "lr": trial.optimizer.param_groups[0]["lr"],
+        "step": trial.step,
+    }
+    if trial.failed:
+        record["failed"] = trial.failed
+    else:
+        record["val"] = _evaluate(trial, data, batch_size, device, amp)
+        score = record["val"]["median_r2"]
+        save_weights(tdir / "last.safetensors", trial.model.state_dict(), {"epoch": epoch})
+        if score > trial.best_score:
+            trial.best_score, trial.best_epoch = score, epoch
+            save_weights(tdir / "best.safetensors", trial.model.state_dict(), {"epoch": epoch, "median_r2": score})
+            write_json(tdir / "summary.json", {"best_epoch": epoch, "val": record["val"], "trial": trial.name})
+        tensors, groups = optimizer_state(trial.optimizer)
+        tensors["rng_state"] = trial.rng_state
+        save_weights(
+            tdir / "state.safetensors",
+            tensors,
+            {
+                "epoch": epoch,
+                "step": trial.step,
+                "best_score": trial.best_score,
+                "best_epoch": trial.best_epoch,
+                "param_groups": groups,
+            },
+        )
+    trial.history.append(record)
+    with (tdir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _restore(trials) -> int:
+    """Load each trial's last weights, optimizer, RNG and step; return the next epoch."""
+    from safetensors import safe_open
+
+    epochs = set()
+    for trial, tdir in trials:
+        path = tdir / "state.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"{path}: nothing to resume (no epoch finished yet); start a new run")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_weights(path)
+        trial.model.load_state_dict(load_weights(tdir / "last.safetensors"))
+        load_optimizer_state(trial.optimizer, tensors, meta["param_groups"])
+        trial.rng_state = tensors["rng_state"]
+        trial.step = int(meta["step"])
+        trial.scheduler.step_update(trial.step)
+        trial.best_score, trial.best_epoch = float(meta["best_score"]), int(meta["best_epoch"])
+        epochs.add(int(meta["epoch"]))
+    if len(epochs) != 1:
+        raise ConfigError("trials stopped at different epochs; cannot resume them in one pass")
+    return epochs.pop() + 1
+
+
+def _summarize(out: Path, trials, data: HeadData, cache: FeatureCache, seconds: float, samples: int) -> dict:
+    ranked = sorted(trials, key=lambda t: t[0].best_score, reverse=True)
+    rows = [
+        {
+            "trial": t.name,
+            "dir": str(d.relative_to(out)) if d != out else ".",
+            "config": t.config.to_dict(),
+            "best_epoch": t.best_epoch,
+            "median_r2": t.best_score,
+            "failed": t.failed,
+        }
+        for t, d in ranked
+    ]
+    if all(t.failed for t, _ in trials) and all(t.best_epoch < 0 for t, _ in trials):
+        raise TrainingError(f"{out}: every trial stopped: {trials[0][0].failed}")
+    best_trial, best_dir = ranked[0]
+    summary = read_json(best_dir / "summary.json")
+    summary |= {"trial": rows[0]["dir"], "seconds": seconds, "samples_per_s": samples / seconds, "trials": rows}
+    if len(trials) > 1:
+        write_json(out / "sweep.json", {"trials": rows, "best": rows[0]["dir"]})
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def resolve_run(run: Path | str) -> Path:
+    """The trial folder a run or sweep directory stands for (the best trial of a sweep)."""
+    run = Path(run)
+    if (run / "sweep.json").is_file():
+        return run / read_json(run / "sweep.json")["best"]
+    if not (run / "model.json").is_file():
+        raise ConfigError(f"{run}: not a blobenc run (no model.json or sweep.json)")
+    return run
+
+
+def load_model(run: Path | str, which: str = "best") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained head from its run folder alone: model.json + <which>.safetensors."""
+    tdir = resolve_run(run)
+    spec = read_json(tdir / "model.json")
+    model = create_head(spec["head"], **spec["kwargs"])
+    model.load_state_dict(load_weights(tdir / f"{which}.safetensors"))
+    return model.eval(), spec
+
+
+def group_of(spec: dict) -> GroupSpace:
+    g = spec["group"]
+    return GroupSpace({h: np.asarray(g[h]["fsaverage_index"]) for h in g}, {h: g[h]["fsaverage_size"] for h in g})

@@ -1,0 +1,154 @@
+"""The training loop fit-head (and finetune) share: optimizer, schedule, masked loss, validation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from blobenc.runtime import autocast
+from blobenc.scoring import pearson_r, r2_score
+from blobenc.train.config import HeadConfig
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the observed (mask True) entries only: missing vertices add nothing."""
+    m = mask.to(pred.dtype)
+    return (((pred - target) ** 2) * m).sum() / m.sum().clamp_min(1)
+
+
+def configure_optimizer(model: nn.Module, config: HeadConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not biases or norm parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+
+
+def configure_scheduler(optimizer, config: HeadConfig, total_steps: int) -> CosineLRScheduler:
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay to min_lr_fraction x lr."""
+    warmup = int(round(config.warmup_fraction * total_steps))
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup),
+        lr_min=config.lr * config.min_lr_fraction,
+        warmup_t=warmup,
+        warmup_lr_init=0.0 if warmup else config.lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
+    """A shuffled pass over n samples; the order depends only on (seed, epoch), so a resume repeats it."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+@dataclass
+class Trial:
+    """One model under training with its own optimizer, schedule and dropout RNG stream."""
+
+    name: str
+    config: HeadConfig
+    model: nn.Module
+    layer_idx: list[int]
+    optimizer: torch.optim.Optimizer = None
+    scheduler: CosineLRScheduler = None
+    rng_state: torch.Tensor = None
+    step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    failed: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def setup(self, total_steps: int) -> None:
+        self.optimizer = configure_optimizer(self.model, self.config)
+        self.scheduler = configure_scheduler(self.optimizer, self.config, total_steps)
+        self.scheduler.step_update(0)
+        self.rng_state = torch.Generator().manual_seed(self.config.seed).get_state()
+
+
+def train_step(
+    trial: Trial,
+    feats: Sequence[torch.Tensor],
+    subject: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> float:
+    """One optimizer step of one trial. Each trial draws dropout from its own RNG state, so trials
+    trained together in one pass equal the same configs trained alone."""
+    torch.set_rng_state(trial.rng_state)
+    trial.model.train()
+    with autocast(device, amp):
+        pred = trial.model([feats[i] for i in trial.layer_idx], subject)
+    loss = masked_mse(pred.float(), target, mask)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value
+    trial.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if trial.config.grad_clip:
+        nn.utils.clip_grad_norm_(trial.model.parameters(), trial.config.grad_clip)
+    trial.optimizer.step()
+    trial.step += 1
+    trial.scheduler.step_update(trial.step)
+    trial.rng_state = torch.get_rng_state()
+    return value
+
+
+@torch.no_grad()
+def predict_group(
+    model: nn.Module,
+    batches: Iterator[tuple[list[torch.Tensor], torch.Tensor]],
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> torch.Tensor:
+    """Group-space predictions (N, V) in eval mode, float32 on the CPU."""
+    model.eval()
+    out = []
+    for feats, subject in batches:
+        with autocast(device, amp):
+            out.append(model(feats, subject).float().cpu())
+    return torch.cat(out)
+
+
+def validation_scores(
+    pred: np.ndarray,
+    target: np.ndarray,
+    subject: np.ndarray,
+    subjects: list[str],
+    group_index: Callable[[str], np.ndarray],
+    n_vertices: int,
+) -> dict:
+    """Median R² over group vertices (each vertex's R² averaged over the subjects that have it),
+    mean Pearson r over subjects, and both per subject, on each subject's own vertices only."""
+    r2_sum, r2_count = np.zeros(n_vertices), np.zeros(n_vertices)
+    per_subject = {}
+    for i, name in enumerate(subjects):
+        rows = subject == i
+        if rows.sum() < 2:
+            continue
+        cols = group_index(name)
+        r2 = r2_score(pred[rows][:, cols], target[rows][:, cols])
+        r = pearson_r(pred[rows][:, cols], target[rows][:, cols])
+        r2_sum[cols] += r2
+        r2_count[cols] += 1
+        per_subject[name] = {"median_r2": float(np.median(r2)), "mean_r": float(r.mean()), "n": int(rows.sum())}
+    seen = r2_count > 0
+    return {
+        "median_r2": float(np.median(r2_sum[seen] / r2_count[seen])),
+        "mean_r": float(np.mean([s["mean_r"] for s in per_subject.values()])),
+        "subjects": per_subject,
+    }
