@@ -45,7 +45,7 @@ def fit_head_command(
 
     setup_logging(quiet, out / "log.txt")
     with errors():
-        overrides = list(set_ or []) + [f"device={device}", f"precision={precision}"]
+        overrides = [*list(set_ or []), f"device={device}", f"precision={precision}"]
         if pca_components is not None:
             overrides.append(f"proj_dim={pca_components}")
         base = load_config(config, overrides)

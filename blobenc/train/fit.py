@@ -292,7 +292,7 @@ def _summarize(out: Path, trials, data: HeadData, cache: FeatureCache, seconds: 
     ]
     if all(t.failed for t, _ in trials) and all(t.best_epoch < 0 for t, _ in trials):
         raise TrainingError(f"{out}: every trial stopped: {trials[0][0].failed}")
-    best_trial, best_dir = ranked[0]
+    _best_trial, best_dir = ranked[0]
     summary = read_json(best_dir / "summary.json")
     summary |= {"trial": rows[0]["dir"], "seconds": seconds, "samples_per_s": samples / seconds, "trials": rows}
     if len(trials) > 1:

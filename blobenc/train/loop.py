@@ -35,7 +35,7 @@ def configure_optimizer(model: nn.Module, config: HeadConfig) -> torch.optim.Ada
 
 def configure_scheduler(optimizer, config: HeadConfig, total_steps: int) -> CosineLRScheduler:
     """Linear warm-up over warmup_fraction of the steps, then cosine decay to min_lr_fraction x lr."""
-    warmup = int(round(config.warmup_fraction * total_steps))
+    warmup = round(config.warmup_fraction * total_steps)
     return CosineLRScheduler(
         optimizer,
         t_initial=max(1, total_steps - warmup),
