@@ -80,7 +80,7 @@ class GroupPCA:
             pca = PCA(n_components=k, svd_solver="randomized" if k < min(Y.shape) else "full", random_state=self.seed)
             pca.fit(Y)
             self.mean_ = pca.mean_.astype(np.float32)
-            self.components_ = pca.components_.astype(np.float32)
+            self.components_ = np.ascontiguousarray(pca.components_, dtype=np.float32)
             self.explained_variance_ = pca.explained_variance_.astype(np.float32)
         else:
             torch.manual_seed(self.seed)
@@ -107,12 +107,14 @@ class GroupPCA:
         """safetensors: components, mean, explained variance and the group space it belongs to."""
         if self.group is None:
             raise ConfigError("set GroupPCA.group (the vertex space) before saving")
-        tensors = {
+        # safetensors writes the raw buffer: sklearn's Fortran-ordered components_ would load transposed
+        arrays = {
             "components": self.components_,
             "mean": self.mean_,
             "explained_variance": self.explained_variance_,
-            "explained_variance_ratio": self.explained_variance_ratio_.astype(np.float32),
+            "explained_variance_ratio": self.explained_variance_ratio_,
         }
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
         for hemi in HEMIS:
             tensors[f"{hemi}_fsaverage_index"] = self.group.fsaverage_index[hemi].astype(np.int64)
         meta = {"format": "blobenc.group_pca", "version": "1", "fsaverage_size": json.dumps(self.group.fsaverage_size)}

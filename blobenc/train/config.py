@@ -76,8 +76,11 @@ def _coerce(key: str, value):
         if not all(isinstance(v, str) for v in items):
             raise ConfigError(f"{key}={value!r}: expected a list of strings")
         return tuple(items)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if base is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected float") from None
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"{key}={value!r}: expected {base.__name__}")
     return value

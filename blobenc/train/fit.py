@@ -30,7 +30,7 @@ from blobenc.train.checkpoint import (
 )
 from blobenc.train.config import HeadConfig
 from blobenc.train.data import HeadData
-from blobenc.train.loop import Trial, epoch_batches, predict_group, train_step, validation_scores
+from blobenc.train.loop import Trial, epoch_batches, predict_group, steps_per_epoch, train_step, validation_scores
 
 logger = logging.getLogger(__name__)
 RUN_FORMAT = "blobenc.run"
@@ -147,7 +147,7 @@ def fit_head(
     )
 
     n_train = len(data.sets["train"])
-    steps_per_epoch = math.ceil(n_train / base.batch_size)
+    n_steps = steps_per_epoch(n_train, base.batch_size)
     trials = []
     for k, cfg in enumerate(configs):
         tdir = _trial_dir(out, k, len(configs))
@@ -160,7 +160,7 @@ def fit_head(
         trial = Trial(
             tdir.name if len(configs) > 1 else "run", cfg, model, [data.layers.index(n) for n in spec["layers"]]
         )
-        trial.setup(base.epochs * steps_per_epoch)
+        trial.setup(base.epochs * n_steps)
         write_json(tdir / "model.json", spec)
         (tdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         trials.append((trial, tdir))
@@ -169,7 +169,7 @@ def fit_head(
     bar = make_progress(TextColumn("{task.fields[status]}"), enabled=progress)
     t0 = time.perf_counter()
     with bar:
-        task = bar.add_task("fit-head", total=(base.epochs - start_epoch) * steps_per_epoch, status="")
+        task = bar.add_task("fit-head", total=(base.epochs - start_epoch) * n_steps, status="")
         for epoch in range(start_epoch, base.epochs):
             view_rng = np.random.default_rng([base.seed, epoch, 1])
             losses = {id(t): [] for t, _ in trials}

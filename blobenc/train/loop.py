@@ -47,10 +47,17 @@ def configure_scheduler(optimizer, config: HeadConfig, total_steps: int) -> Cosi
     )
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size + (n % batch_size >= 2)
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
-    """A shuffled pass over n samples; the order depends only on (seed, epoch), so a resume repeats it."""
+    """A shuffled pass over n samples; the order depends only on (seed, epoch), so a resume repeats it.
+
+    A last batch of a single sample is skipped: batch norm cannot train on it.
+    """
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    for start in range(0, n, batch_size):
+    for start in range(0, steps_per_epoch(n, batch_size) * batch_size, batch_size):
         yield order[start : start + batch_size]
 
 
@@ -132,23 +139,27 @@ def validation_scores(
     group_index: Callable[[str], np.ndarray],
     n_vertices: int,
 ) -> dict:
-    """Median R² over group vertices (each vertex's R² averaged over the subjects that have it),
-    mean Pearson r over subjects, and both per subject, on each subject's own vertices only."""
-    r2_sum, r2_count = np.zeros(n_vertices), np.zeros(n_vertices)
+    """Median R² over group vertices, pooling every validation sample whose subject has the vertex
+    (missing vertices excluded); mean Pearson r over subjects; both per subject on its own vertices."""
+    observed = np.zeros((len(pred), n_vertices), dtype=bool)
     per_subject = {}
     for i, name in enumerate(subjects):
         rows = subject == i
+        cols = group_index(name)
+        observed[np.ix_(rows, cols)] = True
         if rows.sum() < 2:
             continue
-        cols = group_index(name)
         r2 = r2_score(pred[rows][:, cols], target[rows][:, cols])
         r = pearson_r(pred[rows][:, cols], target[rows][:, cols])
-        r2_sum[cols] += r2
-        r2_count[cols] += 1
         per_subject[name] = {"median_r2": float(np.median(r2)), "mean_r": float(r.mean()), "n": int(rows.sum())}
-    seen = r2_count > 0
+    count = observed.sum(0)
+    seen = count >= 2
+    mean = np.where(observed, target, 0).sum(0) / np.maximum(count, 1)
+    sse = np.where(observed, (target - pred) ** 2, 0).sum(0)
+    sst = np.where(observed, (target - mean) ** 2, 0).sum(0)
+    r2 = 1 - sse[seen] / np.maximum(sst[seen], 1e-12)
     return {
-        "median_r2": float(np.median(r2_sum[seen] / r2_count[seen])),
-        "mean_r": float(np.mean([s["mean_r"] for s in per_subject.values()])),
+        "median_r2": float(np.median(r2)),
+        "mean_r": float(np.mean([s["mean_r"] for s in per_subject.values()])) if per_subject else float("nan"),
         "subjects": per_subject,
     }

@@ -1,0 +1,284 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.decomposition import PCA
+from typer.testing import CliRunner
+
+from blobenc import AlgonautsDataset, ConfigError
+from blobenc.cli import app
+from blobenc.features.extract import ExtractConfig, extract
+from blobenc.features.trunk import TrunkSpec
+from blobenc.heads import FactorizedLinear, GroupLinearEncoder, SubjectLinear, create_head, list_heads
+from blobenc.pca import GroupPCA
+from blobenc.train import fit as fit_mod
+from blobenc.train.config import HeadConfig, load_config, sweep_configs
+from blobenc.train.fit import fit_head
+from blobenc.train.loop import masked_mse
+
+runner = CliRunner()
+TINY = {"epochs": 3, "batch_size": 32, "hidden_dim": 32, "proj_dim": 48, "lr": 3e-3, "dropout": 0.2}
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """Enough images per subject (60) that validation scores mean something."""
+    from blobenc.data.synth import SynthConfig, write_synthetic
+
+    return write_synthetic(
+        tmp_path_factory.mktemp("train") / "data",
+        SynthConfig(subjects=3, train_images=60, test_images=10, image_size=32, seed=3),
+    )
+
+
+@pytest.fixture(scope="session")
+def small_cache(train_data, tmp_path_factory):
+    index = AlgonautsDataset(train_data).unique_images()
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    cfg = ExtractConfig(trunk=TrunkSpec("test_vit", False), layers=("blocks.[13]",), num_workers=0, chunk_images=16)
+    extract(index.keys, list(index.paths), out, cfg, progress=False)
+    return out
+
+
+def cfg(**kw):
+    return HeadConfig(**(TINY | kw))
+
+
+def test_factorized_projection_equals_dense():
+    proj = FactorizedLinear(n_tokens=7, in_channels=5, out_channels=3)
+    torch.nn.init.normal_(proj.weight1)
+    x = torch.randn(4, 7, 5)
+    dense = proj.weight1[:, :, None] * proj.weight2[:, None, :]  # (K, L, C)
+    torch.testing.assert_close(proj(x), torch.einsum("blc,klc->bk", x, dense))
+
+
+def test_cnn_maps_are_tokens():
+    enc = GroupLinearEncoder([(6, 4, 4)], n_subjects=2, n_vertices=10, hidden_dim=8, proj_dim=5, dropout=0)
+    x = torch.randn(3, 6, 4, 4)
+    out = enc([x], torch.tensor([0, 1, 0]))
+    assert out.shape == (3, 10)
+    enc.eval()
+    tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C): position-major, channels last
+    torch.testing.assert_close(enc.feat_projs[0](x), enc.feat_projs[0](tokens))
+    assert enc.feat_projs[0].proj.weight1.shape == (8, 16) and enc.feat_projs[0].proj.weight2.shape == (8, 6)
+
+
+def test_subject_selection():
+    layer = SubjectLinear(in_dim=4, out_dim=3, n_subjects=5)
+    h = torch.randn(6, 4)
+    subject = torch.tensor([0, 4, 2, 2, 1, 3])
+    out = layer(h, subject)
+    w = layer.fc.weight.view(5, 3, 4)
+    b = layer.fc.bias.view(5, 3)
+    for i, s in enumerate(subject.tolist()):
+        torch.testing.assert_close(out[i], w[s] @ h[i] + b[s])
+
+
+def test_masked_loss_ignores_missing_vertices():
+    pred = torch.randn(4, 6, requires_grad=True)
+    target = torch.randn(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 2:] = False
+    loss = masked_mse(pred, target, mask)
+    changed = target.clone()
+    changed[1, 2:] = 1e6  # garbage where the subject has no vertex
+    assert masked_mse(pred, changed, mask).item() == pytest.approx(loss.item())
+    loss.backward()
+    assert (pred.grad[1, 2:] == 0).all() and (pred.grad[0] != 0).all()
+    assert loss.item() == pytest.approx(((pred - target)[mask] ** 2).mean().item())
+
+
+def test_head_registry():
+    assert "group_linear" in list_heads()
+    with pytest.raises(ConfigError, match="head 'ridge9' is not registered; valid: group_linear"):
+        create_head("ridge9")
+
+
+def test_pca_matches_sklearn_and_torch_agrees():
+    rng = np.random.default_rng(0)
+    Y = (rng.normal(size=(200, 8)) @ rng.normal(size=(8, 60)) + 0.1 * rng.normal(size=(200, 60))).astype(np.float32)
+    ours = GroupPCA(8, backend="sklearn").fit(Y)
+    ref = PCA(8, svd_solver="full").fit(Y)
+    np.testing.assert_allclose(ours.explained_variance_, ref.explained_variance_, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(ours.components_ @ ref.components_.T), np.eye(8), atol=1e-4)
+    torch_pca = GroupPCA(8, backend="torch").fit(Y)
+    np.testing.assert_allclose(torch_pca.explained_variance_, ref.explained_variance_, rtol=1e-3)
+    np.testing.assert_allclose(
+        torch_pca.inverse_transform(torch_pca.transform(Y)), ours.inverse_transform(ours.transform(Y)), atol=1e-3
+    )
+
+
+def test_pca_missing_vertices_are_not_zeros():
+    rng = np.random.default_rng(1)
+    Y = (rng.normal(size=(300, 3)) @ rng.normal(size=(3, 40)) + 5).astype(np.float32)
+    mask = np.ones_like(Y, dtype=bool)
+    mask[:150, 30:] = False  # half the samples (one "subject") lack the last 10 vertices
+    observed = np.where(mask, Y, 0)
+    em = GroupPCA(3, n_iter=10).fit(observed, mask)
+    zeros = GroupPCA(3, n_iter=0).fit(observed)  # what treating missing as zero responses would give
+    complete = GroupPCA(3).fit(Y)
+    assert np.abs(em.mean_ - complete.mean_).max() < 1e-2
+    assert np.abs(zeros.mean_ - complete.mean_).max() > 1
+    # the EM components span the true subspace
+    proj = em.components_ @ complete.components_.T
+    np.testing.assert_allclose(np.linalg.svd(proj, compute_uv=False), 1, atol=1e-2)
+
+
+def test_pca_save_load(small_data, tmp_path):
+    ds = AlgonautsDataset(small_data)
+    Y = np.random.default_rng(0).normal(size=(20, ds.group.n_vertices)).astype(np.float32)
+    pca = GroupPCA(5).fit(Y)
+    pca.group = ds.group
+    pca.save(tmp_path / "p.safetensors")
+    back = GroupPCA.load(tmp_path / "p.safetensors")
+    np.testing.assert_array_equal(back.components_, pca.components_)
+    assert back.group.same_as(ds.group)
+
+
+def test_reference_config_keys_and_bad_values(tmp_path):
+    path = tmp_path / "ref.yaml"
+    path.write_text(
+        "epochs: 40\nbatch_size: 512\nlr: 6.0e-4\nweight_decay: 0.8\ndropout: 0.9\nproj_dim: 2048\n"
+        "hidden_dim: 1024\nwarmup_fraction: 0.05\nmin_lr_fraction: 0.05\n"
+    )
+    c = load_config(path, ["lr=1e-3", "layers=[blocks.0, blocks.2]"])
+    assert (c.epochs, c.batch_size, c.lr, c.weight_decay, c.layers) == (40, 512, 1e-3, 0.8, ("blocks.0", "blocks.2"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rate'; valid keys: head, layers, epochs"):
+        load_config(None, ["learning_rate=1"])
+    with pytest.raises(ConfigError, match="epochs='ten': expected int"):
+        load_config(None, ["epochs=ten"])
+    with pytest.raises(ConfigError, match=r"dropout=1.5: expected a fraction in \[0, 1\)"):
+        load_config(None, ["dropout=1.5"])
+    with pytest.raises(ConfigError, match="--sweep batch_size: sets the shared data order"):
+        sweep_configs(HeadConfig(), ["batch_size=1,2"])
+    grid = sweep_configs(HeadConfig(), ["lr=1e-3,2e-3", "dropout=0.1,0.5", "weight_decay=0,0.1"])
+    assert len(grid) == 8 and len({(g.lr, g.dropout, g.weight_decay) for g in grid}) == 8
+
+
+def test_fit_head_cli_positive_r2_and_predict(small_cache, train_data, tmp_path):
+    run = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        [
+            "fit-head",
+            str(small_cache),
+            "--data",
+            str(train_data),
+            "--out",
+            str(run),
+            "--set",
+            "epochs=6",
+            "--set",
+            "batch_size=16",
+            "--set",
+            "hidden_dim=32",
+            "--set",
+            "dropout=0.2",
+            "--set",
+            "lr=3e-3",
+            "--pca-components",
+            "40",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val"]["median_r2"] > 0 and 0 <= summary["best_epoch"] < 6
+    assert set(summary["val"]["subjects"]) == {"subj01", "subj02", "subj03"}
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == list(range(6)) and all("median_r2" in m["val"] for m in lines)
+    for name in ("best.safetensors", "last.safetensors", "model.json", "config.yaml", "split.json", "pca.safetensors"):
+        assert (run / name).is_file()
+    assert not any(p.suffix in (".pt", ".pth", ".pkl") for p in run.iterdir())
+
+    pred = tmp_path / "pred"
+    res = runner.invoke(
+        app, ["predict", str(run), "--data", str(train_data), "--out", str(pred), "--json", str(tmp_path / "p.json")]
+    )
+    assert res.exit_code == 0, res.output
+    ds = AlgonautsDataset(train_data)
+    for name, s in ds.subjects.items():  # native shapes
+        for hemi in ("lh", "rh"):
+            arr = np.load(pred / name / f"{hemi}_pred_test.npy")
+            assert arr.shape == (10, s.n_vertices[hemi]) and arr.dtype == np.float32
+    res = runner.invoke(app, ["evaluate", str(pred), "--data", str(train_data), "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0
+    predicted = json.loads((tmp_path / "p.json").read_text())
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert predicted["score"] == pytest.approx(evaluated["score"])
+
+    res = runner.invoke(
+        app, ["predict", str(run), "--data", str(train_data), "--out", str(pred), "--subject", "subj09"]
+    )
+    assert res.exit_code == 1 and "--subject subj09: the run was trained on subj01" in res.output
+
+
+def test_predict_cached_equals_trunk_path(small_cache, train_data, tmp_path):
+    from blobenc.predict import predict
+
+    fit_head(small_cache, train_data, tmp_path / "run", [cfg(epochs=1)], progress=False)
+    predict(tmp_path / "run", train_data, tmp_path / "cached", "subj02", progress=False)
+    predict(tmp_path / "run", train_data, tmp_path / "trunk", "subj02", use_cache=False, progress=False)
+    for hemi in ("lh", "rh"):
+        a = np.load(tmp_path / "cached" / "subj02" / f"{hemi}_pred_test.npy")
+        b = np.load(tmp_path / "trunk" / "subj02" / f"{hemi}_pred_test.npy")
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_sweep_trials_equal_solo_runs(small_cache, train_data, tmp_path):
+    grid = sweep_configs(cfg(), ["lr=1e-3,3e-3", "dropout=0.1,0.5"])
+    summary = fit_head(small_cache, train_data, tmp_path / "sweep", grid, progress=False)
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(sweep["trials"]) == 4 and summary["trial"] == sweep["best"]
+    scores = [t["median_r2"] for t in sweep["trials"]]
+    assert scores == sorted(scores, reverse=True)
+    solo = fit_head(small_cache, train_data, tmp_path / "solo", [grid[3]], progress=False)
+    a = load_file(tmp_path / "sweep" / "trial-03" / "last.safetensors")
+    b = load_file(tmp_path / "solo" / "last.safetensors")
+    for k in a:  # CPU reductions may round differently with memory alignment: 1-ulp differences
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    solo_row = solo["trials"][0]
+    trial_row = next(t for t in sweep["trials"] if t["dir"] == "trial-03")
+    assert trial_row["median_r2"] == pytest.approx(solo_row["median_r2"], abs=1e-6)
+    assert fit_mod.resolve_run(tmp_path / "sweep") == tmp_path / "sweep" / sweep["best"]
+
+
+def test_resume_equals_uninterrupted(small_cache, train_data, tmp_path, monkeypatch):
+    config = [cfg(epochs=4)]
+    fit_head(small_cache, train_data, tmp_path / "whole", config, progress=False)
+
+    real_end = fit_mod._end_epoch
+
+    def end_then_crash(trial, tdir, epoch, *args):
+        real_end(trial, tdir, epoch, *args)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_mod, "_end_epoch", end_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(small_cache, train_data, tmp_path / "cut", config, progress=False)
+    monkeypatch.setattr(fit_mod, "_end_epoch", real_end)
+    with pytest.raises(ConfigError, match="exists and is not empty; use --resume"):
+        fit_head(small_cache, train_data, tmp_path / "cut", config, progress=False)
+    with pytest.raises(ConfigError, match="--resume with other settings"):
+        fit_head(small_cache, train_data, tmp_path / "cut", [cfg(epochs=5)], resume=True, progress=False)
+    fit_head(small_cache, train_data, tmp_path / "cut", config, resume=True, progress=False)
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+
+
+def test_fit_head_bad_inputs(small_cache, train_data, tmp_path):
+    res = runner.invoke(
+        app,
+        ["fit-head", str(small_cache), "--data", str(train_data), "--out", str(tmp_path / "r"), "--set", "hidden=3"],
+    )
+    assert res.exit_code == 1 and "unknown config key 'hidden'; valid keys:" in res.output
+    res = runner.invoke(
+        app, ["fit-head", str(tmp_path / "nope"), "--data", str(train_data), "--out", str(tmp_path / "r2")]
+    )
+    assert res.exit_code == 1 and "feature cache not found" in res.output and "Traceback" not in res.output
