@@ -124,8 +124,13 @@ def predict(
         raise ConfigError(f"--split {split!r}: expected train or test")
     model, spec = load_model(run)
     dataset = AlgonautsDataset(data_root)
-    if not group_of(spec).same_as(dataset.group):
-        raise ConfigError(f"{data_root}: its group vertex space differs from the one the run was trained in")
+    if spec.get("group") is not None:
+        if not group_of(spec).same_as(dataset.group):
+            raise ConfigError(f"{data_root}: its group vertex space differs from the one the run was trained in")
+    elif spec["kwargs"]["n_vertices"] != dataset.group.n_vertices:  # an import without --data
+        raise ConfigError(
+            f"{data_root}: {dataset.group.n_vertices} group vertices, the model predicts {spec['kwargs']['n_vertices']}"
+        )
     names = spec["subjects"] if subjects == "all" else [subjects]
     for name in names:
         if name not in spec["subjects"]:

@@ -103,3 +103,19 @@ def predict_command(
             console.print(score_table(result, f"predictions in {out}"))
     elif not quiet:
         console.print(f"wrote predictions to {out}")
+
+
+def import_reference_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The reference head checkpoint (torch).")],
+    pca: Annotated[Path, typer.Option("--pca", help="The reference group PCA state dict (torch).")],
+    cache: Annotated[Path, typer.Option("--cache", help="A cache of the reference trunk's layers.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset whose group space the PCA is in.")] = None,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Cache layers, one per projection.")] = None,
+) -> None:
+    """Import the reference release's head and group PCA (loaded with weights_only=True) as a run."""
+    from blobenc.reference import import_reference
+
+    with errors():
+        path = import_reference(checkpoint, pca, cache, out, data, layers)
+    console.print(f"imported into {path}; `blobenc predict {path} --data ROOT --out PRED` uses it")
