@@ -237,7 +237,7 @@ def test_sweep_trials_equal_solo_runs(small_cache, train_data, tmp_path):
     a = load_file(tmp_path / "sweep" / "trial-03" / "last.safetensors")
     b = load_file(tmp_path / "solo" / "last.safetensors")
     for k in a:  # CPU reductions may round differently with memory alignment: 1-ulp differences
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     solo_row = solo["trials"][0]
     trial_row = next(t for t in sweep["trials"] if t["dir"] == "trial-03")
     assert trial_row["median_r2"] == pytest.approx(solo_row["median_r2"], abs=1e-6)
@@ -267,7 +267,7 @@ def test_resume_equals_uninterrupted(small_cache, train_data, tmp_path, monkeypa
     for name in ("last.safetensors", "best.safetensors"):
         a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
 
