@@ -35,6 +35,9 @@ def fit_head_command(
     pca: Annotated[Path | None, typer.Option("--pca", help="Reuse a group PCA file instead of fitting one.")] = None,
     pca_components: Annotated[int | None, typer.Option(help="PCA components (= proj_dim; default 2048).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Memory for features, e.g. 8G; beyond it they stream from the cache.")
+    ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
@@ -50,8 +53,17 @@ def fit_head_command(
             overrides.append(f"proj_dim={pca_components}")
         base = load_config(config, overrides)
         configs = sweep_configs(base, sweep or []) if sweep else [base]
-        summary = fit_head(cache, data, out, configs, pca_path=pca, resume=resume, progress=not quiet)
-    if quiet:
+        summary = fit_head(
+            cache,
+            data,
+            out,
+            configs,
+            pca_path=pca,
+            resume=resume,
+            max_memory=parse_bytes(max_memory),
+            progress=not quiet,
+        )
+    if quiet or summary is None:  # under torchrun only rank 0 reports
         return
     table = Table(title=f"fit-head {out}: validation (best epoch per trial)")
     for col in ("trial", "best epoch", "median R²", "swept"):
@@ -70,6 +82,20 @@ def fit_head_command(
     subjects.add_row("[bold]group", f"[bold]{summary['val']['median_r2']:.4f}", f"{summary['val']['mean_r']:.4f}", "")
     console.print(subjects)
     console.print(f"{summary['samples_per_s']:.0f} samples/s per pass, {summary['seconds']:.1f} s")
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """'512M', '8G', '1.5T' or a plain number of bytes."""
+    from blobenc.errors import ConfigError
+
+    if text is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ConfigError(f"--max-memory {text!r}: expected a size such as 512M or 8G") from None
 
 
 def predict_command(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +15,7 @@ from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache, chunk_ranges
 from blobenc.progress import track
+from blobenc.train.loop import epoch_batches
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +67,98 @@ class CachedFeatures:
         return [t[idx].float() for t in self.tables]
 
 
+class ChunkStream:
+    """Out-of-core features: whole cache chunks read in a shuffled order by a prefetch thread,
+    their samples mixed in a shuffle buffer. Memory: the buffer plus `prefetch` chunks."""
+
+    def __init__(self, cache: FeatureCache, layers: list[str], max_memory: int, batch_size: int, prefetch: int = 2):
+        self.arrays = [cache.array(n) for n in layers]
+        self.views = cache.attrs["views"]
+        self.chunk_images = cache.attrs["chunk_images"]
+        self.n_rows = len(cache.keys)
+        row_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.arrays)
+        self.prefetch = prefetch
+        spare = max_memory - (prefetch + 1) * self.chunk_images * row_bytes
+        self.buffer_size = max(2 * batch_size, spare // max(row_bytes, 1))
+
+    def _chunks(self, order: np.ndarray) -> Iterator[tuple[int, list[np.ndarray]]]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def read():
+            try:
+                for c in order.tolist():
+                    if stop.is_set():
+                        return
+                    start = c * self.chunk_images
+                    q.put((c, [a[start : min(start + self.chunk_images, self.n_rows)] for a in self.arrays]))
+                q.put(None)
+            except BaseException as e:  # handed to the consumer, raised there
+                q.put(e)
+
+        thread = threading.Thread(target=read, daemon=True, name="blobenc-prefetch")
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)
+
+    def batches(
+        self,
+        cache_rows: np.ndarray,
+        batch_size: int,
+        rng: np.random.Generator | None,
+        view_rng: np.random.Generator | None,
+        min_last: int,
+    ) -> Iterator[tuple[np.ndarray, list]]:
+        """(sample indices, features per layer) batches over the samples whose cache rows are given.
+
+        With `rng`, chunk order and buffer draws are shuffled; without, samples come in cache order.
+        """
+        chunk_of = cache_rows // self.chunk_images
+        chunks = np.unique(chunk_of)
+        order = rng.permutation(chunks) if rng is not None else chunks
+        by_chunk = {int(c): np.flatnonzero(chunk_of == c) for c in chunks}
+        buf_idx: list[int] = []
+        buf_feats: list[list[np.ndarray]] = [[] for _ in self.arrays]
+        limit = self.buffer_size if rng is not None else batch_size
+
+        def emit(n):
+            pick = rng.choice(len(buf_idx), n, replace=False) if rng is not None else np.arange(n)
+            keep = np.setdiff1d(np.arange(len(buf_idx)), pick)
+            idx = np.asarray(buf_idx)[pick]
+            feats = [np.stack([layer[i] for i in pick]) for layer in buf_feats]
+            buf_idx[:] = [buf_idx[i] for i in keep]
+            for layer in buf_feats:
+                layer[:] = [layer[i] for i in keep]
+            if self.views > 1:
+                v = view_rng.integers(0, self.views, len(idx)) if view_rng is not None else np.zeros(len(idx), int)
+                feats = [f[np.arange(len(idx)), v] for f in feats]
+            return idx, feats
+
+        for c, blocks in self._chunks(order):
+            samples = by_chunk[c]
+            local = cache_rows[samples] - c * self.chunk_images
+            buf_idx.extend(samples.tolist())
+            for layer, block in zip(buf_feats, blocks, strict=True):
+                layer.extend(block[local])
+            while len(buf_idx) >= limit:
+                yield emit(batch_size)
+        while len(buf_idx) >= min_last:
+            yield emit(min(batch_size, len(buf_idx)))
+
+
 class HeadData:
-    """Everything fit-head trains and validates on, in memory."""
+    """Everything fit-head trains and validates on: features in memory when they fit
+    `max_memory` (bytes; None = always), else streamed by chunks from the cache."""
 
     def __init__(
         self,
@@ -74,6 +168,8 @@ class HeadData:
         layers: list[str] | None,
         device: torch.device,
         progress: bool = False,
+        max_memory: int | None = None,
+        batch_size: int = 512,
     ):
         self.subjects = list(dataset.subjects)
         self.group = dataset.group
@@ -101,8 +197,21 @@ class HeadData:
                 parts[part].append((i, cache_rows[rows], native[rows], rows))
         needed = np.unique(np.concatenate([p[1] for ps in parts.values() for p in ps]))
         local = {int(r): j for j, r in enumerate(needed)}
-        self.features = CachedFeatures(cache, self.layers, needed, device, progress)
-        logger.info("features of %d images in memory: %.1f MB", len(needed), self.features.nbytes / 1e6)
+        self.cache_rows = needed  # cache row of each feature row
+        row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in self.layers)
+        self.device = device
+        self.features, self.stream = None, None
+        if max_memory is None or len(needed) * row_bytes <= max_memory:
+            self.features = CachedFeatures(cache, self.layers, needed, device, progress)
+            logger.info("features of %d images in memory: %.1f MB", len(needed), self.features.nbytes / 1e6)
+        else:
+            self.stream = ChunkStream(cache, self.layers, max_memory, batch_size)
+            logger.info(
+                "features of %d images (%.1f MB) exceed --max-memory: streaming chunks, buffer of %d",
+                len(needed),
+                len(needed) * row_bytes / 1e6,
+                self.stream.buffer_size,
+            )
         self.sets = {part: self._sample_set(ps, local, n_vertices, device) for part, ps in parts.items()}
         if not len(self.sets["train"]) or not len(self.sets["val"]):
             raise ConfigError("the validation split left no training or no validation samples")
@@ -120,14 +229,42 @@ class HeadData:
         return SampleSet(subject, feature_row, torch.from_numpy(target).to(device), image_row)
 
     def batch(self, part: str, idx: np.ndarray, view_rng: np.random.Generator | None = None):
-        """(features per layer, subject index, target, mask) for samples `idx` of `part`."""
+        """(features per layer, subject index, target, mask) for samples `idx` of `part` (in memory)."""
         s = self.sets[part]
         views = None
         if view_rng is not None and self.features.views > 1:
             views = view_rng.integers(0, self.features.views, len(idx))
-        feats = self.features.gather(s.feature_row[idx], views)
+        return self._pack(part, idx, self.features.gather(s.feature_row[idx], views))
+
+    def _pack(self, part: str, idx: np.ndarray, feats: list[torch.Tensor]):
+        s = self.sets[part]
         subject = torch.as_tensor(s.subject[idx], device=s.target.device)
         return feats, subject, s.target[idx], self.masks[subject]
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
+        """One shuffled epoch of (features, subject, target, mask) batches; the order depends on (seed, epoch)."""
+        view_rng = np.random.default_rng([seed, epoch, 1])
+        if self.stream is None:
+            for idx in epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last):
+                yield self.batch("train", idx, view_rng)
+            return
+        rows = self.cache_rows[self.sets["train"].feature_row]
+        rng = np.random.default_rng([seed, epoch])
+        for idx, feats in self.stream.batches(rows, batch_size, rng, view_rng, min_last):
+            yield self._pack("train", idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple]:
+        """(sample indices, features, subject) over the validation samples, view 0."""
+        n = len(self.sets["val"])
+        if self.stream is None:
+            for idx in np.array_split(np.arange(n), max(1, -(-n // batch_size))):
+                feats, subject, _, _ = self.batch("val", idx)
+                yield idx, feats, subject
+            return
+        rows = self.cache_rows[self.sets["val"].feature_row]
+        for idx, feats in self.stream.batches(rows, batch_size, None, None, 1):
+            feats, subject, _, _ = self._pack("val", idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
+            yield idx, feats, subject
 
     def train_targets(self) -> tuple[np.ndarray, np.ndarray]:
         """Training targets in group space and their observed mask, for the group PCA."""

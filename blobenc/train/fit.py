@@ -12,8 +12,10 @@ import numpy as np
 import torch
 import yaml
 from rich.progress import TextColumn
+from torch.nn.parallel import DistributedDataParallel
 
 from blobenc.data.algonauts import AlgonautsDataset, GroupSpace, ValidationSplit
+from blobenc.distributed import barrier, init_from_env, is_main, rank, world_size
 from blobenc.errors import BlobencError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.heads import create_head
@@ -30,7 +32,7 @@ from blobenc.train.checkpoint import (
 )
 from blobenc.train.config import HeadConfig
 from blobenc.train.data import HeadData
-from blobenc.train.loop import Trial, epoch_batches, predict_group, steps_per_epoch, train_step, validation_scores
+from blobenc.train.loop import Trial, predict_group, steps_per_epoch, train_step, validation_scores
 
 logger = logging.getLogger(__name__)
 RUN_FORMAT = "blobenc.run"
@@ -79,14 +81,16 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
 
 
 def _evaluate(trial: Trial, data: HeadData, batch_size: int, device, amp) -> dict:
+    order, preds = [], []
+    with torch.no_grad():
+        for idx, feats, subject in data.val_batches(batch_size):
+            batches = iter([([feats[j] for j in trial.layer_idx], subject)])
+            preds.append(predict_group(trial.model, batches, device, amp))
+            order.append(idx)
+    idx = np.concatenate(order)
+    pred = np.empty((len(idx), data.group.n_vertices), dtype=np.float32)
+    pred[idx] = torch.cat(preds).numpy()
     s = data.sets["val"]
-    batches = (
-        (([f for j, f in enumerate(feats) if j in trial.layer_idx]), subj)
-        for feats, subj, _, _ in (
-            data.batch("val", idx) for idx in np.array_split(np.arange(len(s)), max(1, math.ceil(len(s) / batch_size)))
-        )
-    )
-    pred = predict_group(trial.model, batches, device, amp).numpy()
     return validation_scores(
         pred,
         s.target.cpu().numpy(),
@@ -105,35 +109,53 @@ def fit_head(
     *,
     pca_path: Path | str | None = None,
     resume: bool = False,
+    max_memory: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train every config in `configs` in one pass over the data; returns the run summary."""
+    """Train every config in `configs` in one pass over the data; returns the run summary.
+
+    `max_memory` (bytes): features that do not fit are streamed from the cache by chunks.
+    """
     out = Path(out)
     base = configs[0]
     run_file = out / "run.json"
+    device = resolve_device(base.device)
+    amp = resolve_precision(base.precision, device)
+    distributed = init_from_env(device)
+    main = is_main()
     if resume:
         stored = read_json(run_file)
         if stored.get("configs") != [c.to_dict() for c in configs]:
             raise ConfigError(
                 f"{out}: --resume with other settings than the run was started with; resume with the same options"
             )
-    elif out.exists() and any(p.name != "log.txt" for p in out.iterdir()):  # the CLI's log may be there
+    elif main and out.exists() and any(p.name != "log.txt" for p in out.iterdir()):  # the CLI's log may be there
         raise ConfigError(f"{out}: exists and is not empty; use --resume to continue it or a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(base.device)
-    amp = resolve_precision(base.precision, device)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
     cache = FeatureCache.open(cache_path)
     dataset = AlgonautsDataset(data_root)
 
     split_file = out / "split.json"
     split = ValidationSplit.load(split_file) if resume else dataset.validation_split(base.val_fraction, base.seed)
-    split.save(split_file)
+    if main:
+        split.save(split_file)
     wanted = {n for c in configs for n in (c.layers or cache.layers)}
-    data = HeadData(cache, dataset, split, [n for n in cache.layers if n in wanted], device, progress)
+    data = HeadData(
+        cache,
+        dataset,
+        split,
+        [n for n in cache.layers if n in wanted],
+        device,
+        progress,
+        max_memory=max_memory,
+        batch_size=base.batch_size,
+    )
 
-    pca = _group_pca(out / "pca.safetensors", pca_path, resume, base, data)
+    pca = _group_pca(out / "pca.safetensors", pca_path, resume, base, data, main)
     n_components = len(pca.components_)
-    write_json(
+    main and write_json(
         run_file,
         {
             "format": RUN_FORMAT,
@@ -147,11 +169,13 @@ def fit_head(
     )
 
     n_train = len(data.sets["train"])
-    n_steps = steps_per_epoch(n_train, base.batch_size)
+    min_last = 2 * world_size()  # batch norm needs two samples on every rank
+    n_steps = steps_per_epoch(n_train, base.batch_size, min_last)
     trials = []
     for k, cfg in enumerate(configs):
         tdir = _trial_dir(out, k, len(configs))
-        tdir.mkdir(exist_ok=True)
+        if main:
+            tdir.mkdir(exist_ok=True)
         spec = _model_spec(cfg, data, cache, n_components)
         torch.manual_seed(cfg.seed)  # same init whether trained alone or in a sweep
         model = create_head(cfg.head, **spec["kwargs"])
@@ -161,6 +185,12 @@ def fit_head(
             tdir.name if len(configs) > 1 else "run", cfg, model, [data.layers.index(n) for n in spec["layers"]]
         )
         trial.setup(base.epochs * n_steps)
+        if distributed:  # gradients averaged across ranks; each rank trains on its slice of every batch
+            trial.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            trial.rng_state = torch.Generator().manual_seed(cfg.seed + rank()).get_state()
+        if not main:
+            trials.append((trial, tdir))
+            continue
         write_json(tdir / "model.json", spec)
         (tdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         trials.append((trial, tdir))
@@ -171,10 +201,11 @@ def fit_head(
     with bar:
         task = bar.add_task("fit-head", total=(base.epochs - start_epoch) * n_steps, status="")
         for epoch in range(start_epoch, base.epochs):
-            view_rng = np.random.default_rng([base.seed, epoch, 1])
             losses = {id(t): [] for t, _ in trials}
-            for idx in epoch_batches(n_train, base.batch_size, base.seed, epoch):
-                feats, subject, target, mask = data.batch("train", idx, view_rng)
+            for feats, subject, target, mask in data.train_batches(base.batch_size, base.seed, epoch, min_last):
+                if distributed:  # this rank's slice of the global batch
+                    sl = slice(rank(), None, world_size())
+                    feats, subject, target, mask = [f[sl] for f in feats], subject[sl], target[sl], mask[sl]
                 for trial, _ in trials:
                     if trial.failed:
                         continue
@@ -189,14 +220,17 @@ def fit_head(
             for trial, tdir in trials:
                 if trial.failed and trial.history and trial.history[-1].get("failed"):
                     continue
-                _end_epoch(trial, tdir, epoch, losses[id(trial)], data, base.batch_size, device, amp)
+                _end_epoch(trial, tdir, epoch, losses[id(trial)], data, base.batch_size, device, amp, main)
             best = max(trials, key=lambda t: t[0].best_score)[0]
             bar.update(task, status=f"epoch {epoch + 1}/{base.epochs} best val median R² {best.best_score:.4f}")
     seconds = time.perf_counter() - t0
+    barrier()
+    if not main:
+        return None
     return _summarize(out, trials, data, cache, seconds, n_train * (base.epochs - start_epoch))
 
 
-def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData) -> GroupPCA:
+def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData, main: bool) -> GroupPCA:
     if pca_path is not None or resume:
         pca = GroupPCA.load(pca_path if pca_path is not None else target)
         if pca.group is None or not pca.group.same_as(data.group):
@@ -210,13 +244,21 @@ def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: Hea
             len(pca.components_),
             100 * pca.explained_variance_ratio_.sum(),
         )
-    if pca_path is not None or not resume:
+    if main and (pca_path is not None or not resume):
         pca.save(target)
     return pca
 
 
 def _end_epoch(
-    trial: Trial, tdir: Path, epoch: int, losses: list[float], data: HeadData, batch_size: int, device, amp
+    trial: Trial,
+    tdir: Path,
+    epoch: int,
+    losses: list[float],
+    data: HeadData,
+    batch_size: int,
+    device,
+    amp,
+    main: bool = True,
 ) -> None:
     finite = [v for v in losses if math.isfinite(v)]
     record = {
@@ -230,27 +272,34 @@ def _end_epoch(
     else:
         record["val"] = _evaluate(trial, data, batch_size, device, amp)
         score = record["val"]["median_r2"]
-        save_weights(tdir / "last.safetensors", trial.model.state_dict(), {"epoch": epoch})
-        if score > trial.best_score:
+        improved = score > trial.best_score
+        if improved:
             trial.best_score, trial.best_epoch = score, epoch
-            save_weights(tdir / "best.safetensors", trial.model.state_dict(), {"epoch": epoch, "median_r2": score})
-            write_json(tdir / "summary.json", {"best_epoch": epoch, "val": record["val"], "trial": trial.name})
-        tensors, groups = optimizer_state(trial.optimizer)
-        tensors["rng_state"] = trial.rng_state
-        save_weights(
-            tdir / "state.safetensors",
-            tensors,
-            {
-                "epoch": epoch,
-                "step": trial.step,
-                "best_score": trial.best_score,
-                "best_epoch": trial.best_epoch,
-                "param_groups": groups,
-            },
-        )
+        if main:  # every rank validates (the same weights under DDP); only rank 0 writes
+            _save_checkpoints(trial, tdir, epoch, record["val"], improved)
     trial.history.append(record)
-    with (tdir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    if main:
+        with (tdir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _save_checkpoints(trial: Trial, tdir: Path, epoch: int, val: dict, improved: bool) -> None:
+    save_weights(tdir / "last.safetensors", trial.model.state_dict(), {"epoch": epoch})
+    if improved:
+        save_weights(
+            tdir / "best.safetensors", trial.model.state_dict(), {"epoch": epoch, "median_r2": val["median_r2"]}
+        )
+        write_json(tdir / "summary.json", {"best_epoch": epoch, "val": val, "trial": trial.name})
+    tensors, groups = optimizer_state(trial.optimizer)
+    tensors["rng_state"] = trial.rng_state
+    meta = {
+        "epoch": epoch,
+        "step": trial.step,
+        "best_score": trial.best_score,
+        "best_epoch": trial.best_epoch,
+        "param_groups": groups,
+    }
+    save_weights(tdir / "state.safetensors", tensors, meta)
 
 
 def _restore(trials) -> int:

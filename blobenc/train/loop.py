@@ -47,17 +47,17 @@ def configure_scheduler(optimizer, config: HeadConfig, total_steps: int) -> Cosi
     )
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return n // batch_size + (n % batch_size >= 2)
+def steps_per_epoch(n: int, batch_size: int, min_last: int = 2) -> int:
+    return n // batch_size + (n % batch_size >= min_last)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[np.ndarray]:
     """A shuffled pass over n samples; the order depends only on (seed, epoch), so a resume repeats it.
 
-    A last batch of a single sample is skipped: batch norm cannot train on it.
+    A last batch smaller than `min_last` is skipped: batch norm needs two samples on every rank.
     """
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    for start in range(0, steps_per_epoch(n, batch_size) * batch_size, batch_size):
+    for start in range(0, steps_per_epoch(n, batch_size, min_last) * batch_size, batch_size):
         yield order[start : start + batch_size]
 
 
@@ -77,6 +77,7 @@ class Trial:
     best_epoch: int = -1
     failed: str | None = None
     history: list[dict] = field(default_factory=list)
+    net: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
 
     def setup(self, total_steps: int) -> None:
         self.optimizer = configure_optimizer(self.model, self.config)
@@ -99,7 +100,7 @@ def train_step(
     torch.set_rng_state(trial.rng_state)
     trial.model.train()
     with autocast(device, amp):
-        pred = trial.model([feats[i] for i in trial.layer_idx], subject)
+        pred = (trial.net or trial.model)([feats[i] for i in trial.layer_idx], subject)
     loss = masked_mse(pred.float(), target, mask)
     value = float(loss.detach())
     if not math.isfinite(value):

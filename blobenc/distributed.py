@@ -1,0 +1,34 @@
+"""torchrun support: process group from the environment, rank queries. No home-made cluster code."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/MASTER_ADDR); False when not under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
