@@ -140,15 +140,20 @@ def predict(
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev)
-    source = (
-        FeatureSource(spec, Path(cache) if cache else None, dev, amp)
-        if use_cache
-        else FeatureSource(spec | {"cache": None}, None, dev, amp)
-    )
+    finetuned = bool(spec.get("finetuned"))  # the model takes images: cached features do not apply
+    if not finetuned:
+        source = (
+            FeatureSource(spec, Path(cache) if cache else None, dev, amp)
+            if use_cache
+            else FeatureSource(spec | {"cache": None}, None, dev, amp)
+        )
     scores = {}
     for name in track(names, "predicting", progress):
         subject = dataset.subjects[name]
-        feats = source.features(nsd_keys(subject.nsd_ids[split]), list(subject.images[split]), batch_size)
+        if finetuned:
+            feats = [_images(list(subject.images[split]), spec["features"]["preprocessing"])]
+        else:
+            feats = source.features(nsd_keys(subject.nsd_ids[split]), list(subject.images[split]), batch_size)
         idx = torch.full((batch_size,), spec["subjects"].index(name), device=dev)
         preds = []
         with torch.no_grad():
@@ -163,3 +168,18 @@ def predict(
             n_lh = subject.n_vertices["lh"]
             scores[name] = score_subject(subject, {"lh": native[:, :n_lh], "rh": native[:, n_lh:]}, split)
     return scores
+
+
+def _images(paths: list[Path], prep: dict) -> torch.Tensor:
+    """Eval-transformed images (N, 3, H, W) for a finetuned model, which takes images."""
+    from blobenc.features.images import ImageViews
+    from blobenc.features.trunk import eval_transform
+
+    ds = ImageViews(paths, range(len(paths)), eval_transform(prep), prep["input_size"])
+    out = []
+    for _, x, errs in DataLoader(ds, batch_size=64):
+        bad = [e for e in errs if e]
+        if bad:
+            raise CacheError(bad[0])
+        out.append(x[:, 0])
+    return torch.cat(out)

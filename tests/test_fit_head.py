@@ -381,7 +381,7 @@ def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data
     assert mem.features is not None and stream.stream is not None
     # every training sample exactly once per epoch, with the same features as the in-memory path
     seen = []
-    for feats, subject, target, mask in stream.train_batches(8, seed=0, epoch=0):
+    for _, subject, target, _ in stream.train_batches(8, seed=0, epoch=0):
         assert len(subject) >= 2
         seen.append(target)
     assert sum(len(t) for t in seen) == len(mem.sets["train"])

@@ -145,3 +145,51 @@ def import_reference_command(
     with errors():
         path = import_reference(checkpoint, pca, cache, out, data, layers)
     console.print(f"imported into {path}; `blobenc predict {path} --data ROOT --out PRED` uses it")
+
+
+def finetune_command(
+    run: Annotated[Path, typer.Argument(help="A fit-head run (or sweep: its best trial).")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write (must be new unless --resume).")],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file of config keys.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable.")] = None,
+    unfreeze: Annotated[
+        list[str] | None, typer.Option("--unfreeze", help="Trunk parameter glob to train (default blocks.*.attn.**).")
+    ] = None,
+    freeze: Annotated[
+        list[str] | None, typer.Option("--freeze", help="Trunk parameter glob kept frozen (default **norm**).")
+    ] = None,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute trunk activations in backward.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune trunk (attention blocks) and head end to end on streamed, augmented images (phase 2)."""
+    from blobenc.train.config import FinetuneConfig, load_config
+    from blobenc.train.finetune import finetune
+
+    setup_logging(quiet, out / "log.txt")
+    with errors():
+        overrides = [*(set_ or []), f"device={device}", f"precision={precision}"]
+        if unfreeze:
+            overrides.append(f"unfreeze={list(unfreeze)}")
+        if freeze:
+            overrides.append(f"freeze={list(freeze)}")
+        if grad_checkpointing:
+            overrides.append("grad_checkpointing=true")
+        cfg = load_config(config, overrides, cls=FinetuneConfig)
+        summary = finetune(run, data, out, cfg, resume=resume, progress=not quiet)
+    if quiet or summary is None:
+        return
+    table = Table(title=f"finetune {out}: best epoch {summary['best_epoch']}")
+    for col in ("subject", "median R²", "mean r", "val samples"):
+        table.add_column(col, justify="right")
+    for name, s in summary["val"]["subjects"].items():
+        table.add_row(name, f"{s['median_r2']:.4f}", f"{s['mean_r']:.4f}", str(s["n"]))
+    table.add_row("[bold]group", f"[bold]{summary['val']['median_r2']:.4f}", f"{summary['val']['mean_r']:.4f}", "")
+    console.print(table)
+    console.print(
+        f"{summary['trainable_parameters']:,} trainable parameters; "
+        f"{summary['samples_per_s']:.1f} samples/s, {summary['seconds']:.1f} s"
+    )

@@ -156,11 +156,14 @@ class LayerCapture:
         self.layers = list(layers)
         self.stop_early = stop_early
         self._outputs: dict[str, torch.Tensor] = {}
+        self._active = False
         modules = dict(model.named_modules())
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            if not self._active:  # e.g. recomputation under gradient checkpointing, after the forward
+                return
             if isinstance(output, (tuple, list)):
                 output = output[0]
             if not isinstance(output, torch.Tensor):
@@ -173,10 +176,13 @@ class LayerCapture:
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._outputs = {}
+        self._active = True
         try:
             self.model(x)
         except _StopForward:
             pass
+        finally:
+            self._active = False
         missing = [n for n in self.layers if n not in self._outputs]
         if missing:
             raise ModelError(f"layer {missing[0]!r} was not called in the forward pass")

@@ -30,6 +30,7 @@ class HeadConfig:
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.05
     grad_clip: float | None = None
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -47,23 +48,49 @@ class HeadConfig:
             raise ConfigError(f"val_fraction={self.val_fraction}: expected a fraction in (0, 1)")
         if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip <= 0):
             raise ConfigError("weight_decay must be >= 0 and grad_clip > 0 when set")
+        if self.accumulate < 1 or self.accumulate > self.batch_size:
+            raise ConfigError(f"accumulate={self.accumulate}: expected 1 to batch_size={self.batch_size}")
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
+        """Plain types only (lists, not tuples): what YAML, JSON and resume comparisons see."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-FIELDS = {f.name: f for f in fields(HeadConfig)}
+@dataclass(frozen=True)
+class FinetuneConfig(HeadConfig):
+    """Phase-2 defaults (SPEC): lr 1e-5, 6 epochs, batch 192, min lr 0, attention blocks unfrozen."""
+
+    epochs: int = 6
+    batch_size: int = 192
+    lr: float = 1e-5
+    min_lr_fraction: float = 0.0
+    unfreeze: tuple[str, ...] = ("blocks.*.attn.**",)  # trunk parameter globs made trainable...
+    freeze: tuple[str, ...] = ("**norm**",)  # ...then these frozen again (SPEC: every norm stays frozen)
+    crop_scale: float = 0.8
+    grad_checkpointing: bool = False
+    num_workers: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"crop_scale={self.crop_scale}: expected a fraction in (0, 1]")
+
+
+def _fields(cls) -> dict:
+    return {f.name: f for f in fields(cls)}
+
+
+FIELDS = _fields(HeadConfig)
 # Keys that set the shared data order; a one-pass sweep cannot vary them.
 NOT_SWEEPABLE = ("batch_size", "epochs", "seed", "val_fraction", "proj_dim", "device", "precision", "head")
 
 
-def _coerce(key: str, value):
-    """Check and convert one value to the type of HeadConfig field `key`."""
-    if key not in FIELDS:
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(FIELDS)}")
-    hint = typing.get_type_hints(HeadConfig)[key]
+def _coerce(key: str, value, cls=HeadConfig):
+    """Check and convert one value to the type of config field `key`."""
+    valid = _fields(cls)
+    if key not in valid:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+    hint = typing.get_type_hints(cls)[key]
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
@@ -93,7 +120,7 @@ def parse_value(text: str):
         return text
 
 
-def load_config(path: Path | None = None, overrides: list[str] = ()) -> HeadConfig:
+def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadConfig) -> HeadConfig:
     """Defaults, then a YAML file of reference keys, then `key=value` overrides; checked."""
     values: dict = {}
     if path is not None:
@@ -112,7 +139,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> HeadConf
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value")
         values[key.strip()] = parse_value(text)
-    config = HeadConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    config = cls(**{k: _coerce(k, v, cls) for k, v in values.items()})
     config.check()
     return config
 

@@ -7,6 +7,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,12 +28,60 @@ def nsd_keys(ids: np.ndarray) -> list[str]:
 @dataclass
 class SampleSet:
     subject: np.ndarray  # (N,) subject index
-    feature_row: np.ndarray  # (N,) row in the in-memory feature table
+    nsd: np.ndarray  # (N,) NSD id of the image
+    path: list[Path]  # (N,) image file
     target: torch.Tensor  # (N, V) group space, 0 where the subject has no vertex
-    image_row: np.ndarray  # (N,) row in the subject's fMRI file
+    feature_row: np.ndarray | None = None  # (N,) row in the feature table (cache-backed data)
 
     def __len__(self) -> int:
         return len(self.subject)
+
+
+class SplitTargets:
+    """(subject, image) samples of the training images, split by image, with group-space targets
+    and a per-subject vertex mask; what every training data source shares."""
+
+    def __init__(self, dataset: AlgonautsDataset, split: ValidationSplit, device: torch.device):
+        self.subjects = list(dataset.subjects)
+        self.group = dataset.group
+        self.device = device
+        n_vertices = self.group.n_vertices
+        self.group_index = {s: dataset.group_index(s) for s in self.subjects}
+        masks = np.zeros((len(self.subjects), n_vertices), dtype=bool)
+        for i, s in enumerate(self.subjects):
+            masks[i, self.group_index[s]] = True
+        self.masks = torch.from_numpy(masks).to(device)
+        parts: dict[str, list] = {"train": [], "val": []}
+        for i, name in enumerate(self.subjects):
+            subject = dataset.subjects[name]
+            native = subject.fmri_native("train")
+            for part, rows in zip(("train", "val"), split.rows(subject), strict=True):
+                parts[part].append((i, rows, native[rows], subject))
+        self.sets = {part: self._sample_set(ps, n_vertices) for part, ps in parts.items()}
+        if not len(self.sets["train"]) or not len(self.sets["val"]):
+            raise ConfigError("the validation split left no training or no validation samples")
+
+    def _sample_set(self, parts, n_vertices) -> SampleSet:
+        subject = np.concatenate([np.full(len(rows), i) for i, rows, _, _ in parts])
+        nsd = np.concatenate([s.nsd_ids["train"][rows] for _, rows, _, s in parts])
+        paths = [s.images["train"][r] for _, rows, _, s in parts for r in rows.tolist()]
+        target = np.zeros((len(subject), n_vertices), dtype=np.float32)
+        offset = 0
+        for i, _, native, _ in parts:
+            target[offset : offset + len(native), self.group_index[self.subjects[i]]] = native
+            offset += len(native)
+        return SampleSet(subject, nsd, paths, torch.from_numpy(target).to(self.device))
+
+    def _pack(self, part: str, idx: np.ndarray, feats: list[torch.Tensor]):
+        """(features, subject index, target, mask) for samples `idx` of `part`."""
+        s = self.sets[part]
+        subject = torch.as_tensor(s.subject[idx], device=s.target.device)
+        return feats, subject, s.target[idx], self.masks[subject]
+
+    def train_targets(self) -> tuple[np.ndarray, np.ndarray]:
+        """Training targets in group space and their observed mask, for the group PCA."""
+        s = self.sets["train"]
+        return s.target.cpu().numpy(), self.masks.cpu()[torch.as_tensor(s.subject)].numpy()
 
 
 class CachedFeatures:
@@ -156,7 +205,7 @@ class ChunkStream:
             yield emit(min(batch_size, len(buf_idx)))
 
 
-class HeadData:
+class HeadData(SplitTargets):
     """Everything fit-head trains and validates on: features in memory when they fit
     `max_memory` (bytes; None = always), else streamed by chunks from the cache."""
 
@@ -171,35 +220,20 @@ class HeadData:
         max_memory: int | None = None,
         batch_size: int = 512,
     ):
-        self.subjects = list(dataset.subjects)
-        self.group = dataset.group
+        super().__init__(dataset, split, device)
         missing = [n for n in (layers or []) if n not in cache.layers]
         if missing:
             raise ConfigError(f"layer {missing[0]!r} is not in the cache; it has {', '.join(cache.layers)}")
         self.layers = list(layers or cache.layers)
-        n_vertices = self.group.n_vertices
-        self.group_index = {s: dataset.group_index(s) for s in self.subjects}
-        masks = np.zeros((len(self.subjects), n_vertices), dtype=bool)
-        for i, s in enumerate(self.subjects):
-            masks[i, self.group_index[s]] = True
-        self.masks = torch.from_numpy(masks).to(device)
-
-        parts: dict[str, list] = {"train": [], "val": []}
-        for i, name in enumerate(self.subjects):
-            subject = dataset.subjects[name]
-            native = subject.fmri_native("train")
-            keys = nsd_keys(subject.nsd_ids["train"])
-            try:
-                cache_rows = cache.rows(keys)
-            except CacheError as e:
-                raise CacheError(f"{e}: the cache was not extracted from this dataset ({dataset.root})") from None
-            for part, rows in zip(("train", "val"), split.rows(subject), strict=True):
-                parts[part].append((i, cache_rows[rows], native[rows], rows))
-        needed = np.unique(np.concatenate([p[1] for ps in parts.values() for p in ps]))
-        local = {int(r): j for j, r in enumerate(needed)}
+        try:
+            rows = {part: cache.rows(nsd_keys(s.nsd)) for part, s in self.sets.items()}
+        except CacheError as e:
+            raise CacheError(f"{e}: the cache was not extracted from this dataset ({dataset.root})") from None
+        needed = np.unique(np.concatenate(list(rows.values())))
         self.cache_rows = needed  # cache row of each feature row
+        for part, s in self.sets.items():
+            s.feature_row = np.searchsorted(needed, rows[part])
         row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in self.layers)
-        self.device = device
         self.features, self.stream = None, None
         if max_memory is None or len(needed) * row_bytes <= max_memory:
             self.features = CachedFeatures(cache, self.layers, needed, device, progress)
@@ -212,21 +246,7 @@ class HeadData:
                 len(needed) * row_bytes / 1e6,
                 self.stream.buffer_size,
             )
-        self.sets = {part: self._sample_set(ps, local, n_vertices, device) for part, ps in parts.items()}
-        if not len(self.sets["train"]) or not len(self.sets["val"]):
-            raise ConfigError("the validation split left no training or no validation samples")
         self.layer_shapes = [list(cache.attrs["layer_shapes"][n]) for n in self.layers]
-
-    def _sample_set(self, parts, local, n_vertices, device) -> SampleSet:
-        subject = np.concatenate([np.full(len(p[1]), p[0]) for p in parts])
-        feature_row = np.asarray([local[int(r)] for p in parts for r in p[1]], dtype=np.int64)
-        target = np.zeros((len(subject), n_vertices), dtype=np.float32)
-        offset = 0
-        for i, _, native, _ in parts:
-            target[offset : offset + len(native), self.group_index[self.subjects[i]]] = native
-            offset += len(native)
-        image_row = np.concatenate([p[3] for p in parts])
-        return SampleSet(subject, feature_row, torch.from_numpy(target).to(device), image_row)
 
     def batch(self, part: str, idx: np.ndarray, view_rng: np.random.Generator | None = None):
         """(features per layer, subject index, target, mask) for samples `idx` of `part` (in memory)."""
@@ -235,11 +255,6 @@ class HeadData:
         if view_rng is not None and self.features.views > 1:
             views = view_rng.integers(0, self.features.views, len(idx))
         return self._pack(part, idx, self.features.gather(s.feature_row[idx], views))
-
-    def _pack(self, part: str, idx: np.ndarray, feats: list[torch.Tensor]):
-        s = self.sets[part]
-        subject = torch.as_tensor(s.subject[idx], device=s.target.device)
-        return feats, subject, s.target[idx], self.masks[subject]
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
         """One shuffled epoch of (features, subject, target, mask) batches; the order depends on (seed, epoch)."""
@@ -265,8 +280,3 @@ class HeadData:
         for idx, feats in self.stream.batches(rows, batch_size, None, None, 1):
             feats, subject, _, _ = self._pack("val", idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
             yield idx, feats, subject
-
-    def train_targets(self) -> tuple[np.ndarray, np.ndarray]:
-        """Training targets in group space and their observed mask, for the group PCA."""
-        s = self.sets["train"]
-        return s.target.cpu().numpy(), self.masks.cpu()[torch.as_tensor(s.subject)].numpy()

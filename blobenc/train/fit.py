@@ -101,6 +101,53 @@ def _evaluate(trial: Trial, data: HeadData, batch_size: int, device, amp) -> dic
     )
 
 
+def start_run(out: Path, configs: list, resume: bool, base) -> tuple:
+    """Device, precision, process group; the run folder checked (new, or resumed with the same configs)."""
+    device = resolve_device(base.device)
+    amp = resolve_precision(base.precision, device)
+    distributed = init_from_env(device)
+    main = is_main()
+    if resume:
+        stored = read_json(out / "run.json")
+        if stored.get("configs") != [c.to_dict() for c in configs]:
+            raise ConfigError(
+                f"{out}: --resume with other settings than the run was started with; resume with the same options"
+            )
+    elif main and out.exists() and any(p.name != "log.txt" for p in out.iterdir()):  # the CLI's log may be there
+        raise ConfigError(f"{out}: exists and is not empty; use --resume to continue it or a new --out")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return device, amp, distributed, main
+
+
+def add_trial(
+    trials: list,
+    name: str,
+    tdir: Path,
+    cfg,
+    model: torch.nn.Module,
+    layer_idx: list[int],
+    spec: dict,
+    total_steps: int,
+    device,
+    distributed: bool,
+    main: bool,
+) -> Trial:
+    """Set up a trial's optimizer and schedule (DDP-wrapped under torchrun) and write its config files."""
+    trial = Trial(name, cfg, model, layer_idx)
+    trial.setup(total_steps)
+    if distributed:  # gradients averaged across ranks; each rank trains on its slice of every batch
+        trial.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        trial.rng_state = torch.Generator().manual_seed(cfg.seed + rank()).get_state()
+    if main:
+        tdir.mkdir(exist_ok=True)
+        write_json(tdir / "model.json", spec)
+        (tdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trials.append((trial, tdir))
+    return trial
+
+
 def fit_head(
     cache_path: Path | str,
     data_root: Path | str,
@@ -119,21 +166,7 @@ def fit_head(
     out = Path(out)
     base = configs[0]
     run_file = out / "run.json"
-    device = resolve_device(base.device)
-    amp = resolve_precision(base.precision, device)
-    distributed = init_from_env(device)
-    main = is_main()
-    if resume:
-        stored = read_json(run_file)
-        if stored.get("configs") != [c.to_dict() for c in configs]:
-            raise ConfigError(
-                f"{out}: --resume with other settings than the run was started with; resume with the same options"
-            )
-    elif main and out.exists() and any(p.name != "log.txt" for p in out.iterdir()):  # the CLI's log may be there
-        raise ConfigError(f"{out}: exists and is not empty; use --resume to continue it or a new --out")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
+    device, amp, distributed, main = start_run(out, configs, resume, base)
     cache = FeatureCache.open(cache_path)
     dataset = AlgonautsDataset(data_root)
 
@@ -171,35 +204,44 @@ def fit_head(
     n_train = len(data.sets["train"])
     min_last = 2 * world_size()  # batch norm needs two samples on every rank
     n_steps = steps_per_epoch(n_train, base.batch_size, min_last)
-    trials = []
+    trials: list = []
     for k, cfg in enumerate(configs):
-        tdir = _trial_dir(out, k, len(configs))
-        if main:
-            tdir.mkdir(exist_ok=True)
         spec = _model_spec(cfg, data, cache, n_components)
         torch.manual_seed(cfg.seed)  # same init whether trained alone or in a sweep
         model = create_head(cfg.head, **spec["kwargs"])
         model.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
-        model.to(device)
-        trial = Trial(
-            tdir.name if len(configs) > 1 else "run", cfg, model, [data.layers.index(n) for n in spec["layers"]]
+        tdir = _trial_dir(out, k, len(configs))
+        add_trial(
+            trials,
+            tdir.name if len(configs) > 1 else "run",
+            tdir,
+            cfg,
+            model.to(device),
+            [data.layers.index(n) for n in spec["layers"]],
+            spec,
+            base.epochs * n_steps,
+            device,
+            distributed,
+            main,
         )
-        trial.setup(base.epochs * n_steps)
-        if distributed:  # gradients averaged across ranks; each rank trains on its slice of every batch
-            trial.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-            trial.rng_state = torch.Generator().manual_seed(cfg.seed + rank()).get_state()
-        if not main:
-            trials.append((trial, tdir))
-            continue
-        write_json(tdir / "model.json", spec)
-        (tdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        trials.append((trial, tdir))
+    return train_trials(out, trials, data, base, device, amp, resume, progress, "fit-head")
 
+
+def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool, progress: bool, label: str):
+    """The epoch loop every run shares: each batch fed to every trial, validation, checkpoints, summary.
+
+    `data` gives train_batches(batch_size, seed, epoch, min_last) and val_batches(batch_size).
+    Returns the run summary (None on ranks other than 0 under torchrun).
+    """
+    distributed, main = world_size() > 1, is_main()
+    n_train = len(data.sets["train"])
+    min_last = 2 * world_size()  # batch norm needs two samples on every rank
+    n_steps = steps_per_epoch(n_train, base.batch_size, min_last)
     start_epoch = _restore(trials) if resume else 0
     bar = make_progress(TextColumn("{task.fields[status]}"), enabled=progress)
     t0 = time.perf_counter()
     with bar:
-        task = bar.add_task("fit-head", total=(base.epochs - start_epoch) * n_steps, status="")
+        task = bar.add_task(label, total=(base.epochs - start_epoch) * n_steps, status="")
         for epoch in range(start_epoch, base.epochs):
             losses = {id(t): [] for t, _ in trials}
             for feats, subject, target, mask in data.train_batches(base.batch_size, base.seed, epoch, min_last):
@@ -227,7 +269,7 @@ def fit_head(
     barrier()
     if not main:
         return None
-    return _summarize(out, trials, data, cache, seconds, n_train * (base.epochs - start_epoch))
+    return _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
 
 
 def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData, main: bool) -> GroupPCA:
@@ -326,7 +368,7 @@ def _restore(trials) -> int:
     return epochs.pop() + 1
 
 
-def _summarize(out: Path, trials, data: HeadData, cache: FeatureCache, seconds: float, samples: int) -> dict:
+def _summarize(out: Path, trials, seconds: float, samples: int) -> dict:
     ranked = sorted(trials, key=lambda t: t[0].best_score, reverse=True)
     rows = [
         {
@@ -364,7 +406,12 @@ def load_model(run: Path | str, which: str = "best") -> tuple[torch.nn.Module, d
     """Rebuild a trained head from its run folder alone: model.json + <which>.safetensors."""
     tdir = resolve_run(run)
     spec = read_json(tdir / "model.json")
-    model = create_head(spec["head"], **spec["kwargs"])
+    if spec.get("finetuned"):  # trunk + head in one state dict
+        from blobenc.train.finetune import build_encoder
+
+        model = build_encoder(spec)
+    else:
+        model = create_head(spec["head"], **spec["kwargs"])
     model.load_state_dict(load_weights(tdir / f"{which}.safetensors"))
     return model.eval(), spec
 

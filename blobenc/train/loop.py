@@ -95,25 +95,31 @@ def train_step(
     device: torch.device,
     amp: torch.dtype | None,
 ) -> float:
-    """One optimizer step of one trial. Each trial draws dropout from its own RNG state, so trials
-    trained together in one pass equal the same configs trained alone."""
+    """One optimizer step of one trial, over `config.accumulate` micro-batches. Each trial draws
+    dropout from its own RNG state, so trials trained together in one pass equal the same configs
+    trained alone."""
     torch.set_rng_state(trial.rng_state)
     trial.model.train()
-    with autocast(device, amp):
-        pred = (trial.net or trial.model)([feats[i] for i in trial.layer_idx], subject)
-    loss = masked_mse(pred.float(), target, mask)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        return value
+    net = trial.net or trial.model
     trial.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    n, total = len(subject), 0.0
+    for part in np.array_split(np.arange(n), trial.config.accumulate):
+        part = torch.as_tensor(part, device=subject.device)
+        with autocast(device, amp):
+            pred = net([feats[i][part] for i in trial.layer_idx], subject[part])
+        loss = masked_mse(pred.float(), target[part], mask[part]) * (len(part) / n)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+        total += value
     if trial.config.grad_clip:
         nn.utils.clip_grad_norm_(trial.model.parameters(), trial.config.grad_clip)
     trial.optimizer.step()
     trial.step += 1
     trial.scheduler.step_update(trial.step)
     trial.rng_state = torch.get_rng_state()
-    return value
+    return total
 
 
 @torch.no_grad()

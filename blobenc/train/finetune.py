@@ -1,0 +1,196 @@
+"""`blobenc finetune` (phase 2): trunk and head end to end, images streamed with augmentation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
+from blobenc.distributed import world_size
+from blobenc.errors import ModelError
+from blobenc.features.extract import default_workers
+from blobenc.features.trunk import (
+    LayerCapture,
+    TrunkSpec,
+    augment_transform,
+    create_trunk,
+    eval_transform,
+    match_modules,
+    pool_features,
+    weights_fingerprint,
+)
+from blobenc.heads import create_head
+from blobenc.train.checkpoint import load_weights, read_json
+from blobenc.train.config import FinetuneConfig
+from blobenc.train.data import SplitTargets
+from blobenc.train.fit import RUN_FORMAT, add_trial, resolve_run, start_run, train_trials, write_json
+from blobenc.train.loop import epoch_batches, steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+
+class ImageEncoder(nn.Module):
+    """Trunk + head as one module: images in, group-space predictions out. Its state dict holds
+    `trunk.*` and `head.*`."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, layers: list[str], pool: int | None, prefix: int):
+        super().__init__()
+        self.trunk, self.head = trunk, head
+        self.layers, self.pool, self.prefix = list(layers), pool, prefix
+        self.capture = LayerCapture(trunk, self.layers)
+
+    def forward(self, inputs: list[torch.Tensor], subject: torch.Tensor) -> torch.Tensor:
+        feats = self.capture(inputs[0])
+        out = [pool_features(feats[n], self.pool, self.prefix) if self.pool else feats[n] for n in self.layers]
+        return self.head(out, subject)
+
+
+def build_encoder(spec: dict) -> ImageEncoder:
+    """Trunk (rebuilt, fingerprint checked when the spec comes from fit-head) + head from model.json."""
+    feats = spec["features"]
+    trunk = create_trunk(TrunkSpec(**feats["trunk"]))
+    if not spec.get("finetuned") and weights_fingerprint(trunk) != feats["weights_fingerprint"]:
+        raise ModelError(
+            f"the rebuilt trunk {feats['model']} does not match the weights its cache was made with "
+            "(fingerprint differs): the cache came from other weights or another --weights file"
+        )
+    head = create_head(spec["head"], **spec["kwargs"])
+    return ImageEncoder(trunk, head, spec["layers"], feats["pool"], feats["num_prefix_tokens"])
+
+
+def set_trainable(encoder: ImageEncoder, unfreeze: tuple[str, ...], freeze: tuple[str, ...]) -> int:
+    """Trunk parameters: all frozen, then `unfreeze` globs trainable, then `freeze` globs frozen again.
+    The head trains except its frozen PCA embedding. Returns the trainable parameter count."""
+    names = [n for n, _ in encoder.trunk.named_parameters()]
+    for pattern in unfreeze + freeze:
+        if not match_modules(names, pattern):
+            raise ModelError(f"--unfreeze/--freeze {pattern!r} matches no trunk parameter (e.g. {names[0]})")
+    trainable = set()
+    for pattern in unfreeze:
+        trainable |= set(match_modules(names, pattern))
+    for pattern in freeze:
+        trainable -= set(match_modules(names, pattern))
+    for name, p in encoder.trunk.named_parameters():
+        p.requires_grad_(name in trainable)
+    for name, p in encoder.head.named_parameters():
+        p.requires_grad_(not name.startswith("embed."))
+    return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+
+
+class _Images(Dataset):
+    def __init__(self, paths: list[Path], transform, seed: int, epoch: int):
+        self.paths, self.transform, self.seed, self.epoch = paths, transform, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with torch.random.fork_rng(devices=[]):  # crops depend on (seed, epoch, sample) only: resumable
+            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
+            with Image.open(self.paths[i]) as im:
+                return self.transform(im.convert("RGB"))
+
+
+class ImageData(SplitTargets):
+    """Training images streamed through a DataLoader with augmentation; validation with the eval transform."""
+
+    def __init__(
+        self,
+        dataset: AlgonautsDataset,
+        split: ValidationSplit,
+        prep: dict,
+        config: FinetuneConfig,
+        device: torch.device,
+    ):
+        super().__init__(dataset, split, device)
+        self.augment = augment_transform(prep, config.crop_scale)
+        self.eval = eval_transform(prep)
+        self.workers = default_workers() if config.num_workers is None else config.num_workers
+        self.pin = device.type == "cuda"
+
+    def _loader(self, part: str, transform, batches: list[np.ndarray], seed: int, epoch: int):
+        ds = _Images(self.sets[part].path, transform, seed, epoch)
+        return DataLoader(ds, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin)
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
+        batches = list(epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last))
+        for idx, x in zip(batches, self._loader("train", self.augment, batches, seed, epoch), strict=True):
+            yield self._pack("train", idx, [x.to(self.device, non_blocking=True)])
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple]:
+        n = len(self.sets["val"])
+        batches = np.array_split(np.arange(n), max(1, -(-n // batch_size)))
+        for idx, x in zip(batches, self._loader("val", self.eval, batches, 0, 0), strict=True):
+            feats, subject, _, _ = self._pack("val", idx, [x.to(self.device, non_blocking=True)])
+            yield idx, feats, subject
+
+
+def finetune(
+    run: Path | str,
+    data_root: Path | str,
+    out: Path | str,
+    config: FinetuneConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict | None:
+    """Fine-tune a fit-head run's trunk (attention blocks by default) and head end to end."""
+    source = resolve_run(run)
+    spec = read_json(source / "model.json")
+    out = Path(out)
+    device, amp, distributed, main = start_run(out, [config], resume, config)
+    dataset = AlgonautsDataset(data_root)
+    if list(dataset.subjects) != spec["subjects"]:
+        raise ModelError(f"{data_root}: subjects {list(dataset.subjects)} differ from the run's {spec['subjects']}")
+    encoder = build_encoder(spec)
+    encoder.head.load_state_dict(load_weights(source / "best.safetensors"))
+    n_trainable = set_trainable(encoder, config.unfreeze, config.freeze)
+    logger.info("trainable parameters: %d of %d", n_trainable, sum(p.numel() for p in encoder.parameters()))
+    if config.grad_checkpointing:
+        encoder.trunk.set_grad_checkpointing(True)
+    split_file = out / "split.json"
+    # the fit-head run's split (a sweep keeps it one level up), so validation images stay unseen
+    origin = source / "split.json" if (source / "split.json").is_file() else source.parent / "split.json"
+    split = ValidationSplit.load(split_file if resume else origin)
+    if main:
+        split.save(split_file)
+    data = ImageData(dataset, split, spec["features"]["preprocessing"], config, device)
+    new_spec = spec | {"finetuned": True, "finetune": {"from": str(source), "trainable_parameters": n_trainable}}
+    if main:
+        write_json(
+            out / "run.json",
+            {
+                "format": RUN_FORMAT,
+                "kind": "finetune",
+                "from": str(source),
+                "data": str(data_root),
+                "configs": [config.to_dict()],
+            },
+        )
+    n_steps = steps_per_epoch(len(data.sets["train"]), config.batch_size, 2 * world_size())
+    trials: list = []
+    add_trial(
+        trials,
+        "run",
+        out,
+        config,
+        encoder.to(device),
+        [0],
+        new_spec,
+        config.epochs * n_steps,
+        device,
+        distributed,
+        main,
+    )
+    summary = train_trials(out, trials, data, config, device, amp, resume, progress, "finetune")
+    if summary is not None:
+        summary["trainable_parameters"] = n_trainable
+    return summary
