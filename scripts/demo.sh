@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main job: the whole pipeline on the synthetic default, on CPU, in a few minutes.
-# synth -> extract (random-init vit_tiny) -> fit-head -> predict --subject all -> evaluate
+# synth -> extract (random-init vit_tiny) -> fit-head -> finetune (1 epoch) -> predict --subject all -> evaluate
 set -euo pipefail
 out=${1:-demo}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the demo never downloads
@@ -10,5 +10,11 @@ blobenc extract "$out/data" --model vit_tiny_patch16_224 --no-pretrained \
     --layers 'blocks.[0369]' --layers blocks.11 --out "$out/cache"
 blobenc fit-head "$out/cache" --data "$out/data" --out "$out/run" \
     --set epochs=10 --set batch_size=64 --set hidden_dim=256
-blobenc predict "$out/run" --data "$out/data" --subject all --out "$out/pred" --quiet
+blobenc predict "$out/run" --data "$out/data" --subject all --out "$out/pred-phase1" --quiet
+blobenc finetune "$out/run" --data "$out/data" --out "$out/run-phase2" \
+    --set epochs=1 --set batch_size=64 --set lr=1e-4
+blobenc predict "$out/run-phase2" --data "$out/data" --subject all --out "$out/pred" --quiet
+echo "phase 1 (head on cached features):"
+blobenc evaluate "$out/pred-phase1" --data "$out/data" --no-rois --json "$out/scores-phase1.json"
+echo "phase 2 (attention blocks fine-tuned for one epoch):"
 blobenc evaluate "$out/pred" --data "$out/data" --json "$out/scores.json"
