@@ -62,6 +62,39 @@ def predicted_subjects(pred_dir: Path, dataset: AlgonautsDataset) -> list[str]:
     return names
 
 
+def roi_means(subject: Subject, values: dict[str, np.ndarray]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Mean of a per-vertex value over each ROI of the subject's roi_masks: {group: {roi: {lh, rh}}}."""
+    rois: dict[str, dict[str, dict[str, float | None]]] = {}
+    for group in ROI_GROUPS:
+        for hemi in HEMIS:
+            found = subject.roi_labels(group, hemi)
+            if found is None:
+                continue
+            labels, names = found
+            for label, name in sorted(names.items()):
+                if label == 0:
+                    continue
+                sel = labels == label
+                entry = rois.setdefault(group, {}).setdefault(name, {"lh": None, "rh": None})
+                entry[hemi] = float(values[hemi][sel].mean()) if sel.any() else None
+    return rois
+
+
+def mean_rois(per_subject: list[dict]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Average {group: {roi: {hemi: value}}} tables over subjects, ignoring missing entries."""
+    acc: dict = {}
+    for rois in per_subject:
+        for group, entries in rois.items():
+            for roi, hemis in entries.items():
+                for hemi, v in hemis.items():
+                    if v is not None:
+                        acc.setdefault(group, {}).setdefault(roi, {}).setdefault(hemi, []).append(v)
+    return {
+        g: {r: {h: (sum(v) / len(v) if (v := hs.get(h)) else None) for h in HEMIS} for r, hs in e.items()}
+        for g, e in acc.items()
+    }
+
+
 def score_subject(subject: Subject, pred: dict[str, np.ndarray], split: str = "test") -> dict:
     """Scores of one subject's lh/rh predictions against its fMRI and noise ceilings."""
     if not subject.has_fmri(split):
@@ -78,19 +111,7 @@ def score_subject(subject: Subject, pred: dict[str, np.ndarray], split: str = "t
     all_nna = np.concatenate([nna[h][0] for h in HEMIS])
     nonzero = np.concatenate([nna[h][1] for h in HEMIS])
     all_r = np.concatenate([r[h] for h in HEMIS])
-    rois: dict[str, dict[str, dict[str, float | None]]] = {}
-    for group in ROI_GROUPS:
-        for hemi in HEMIS:
-            found = subject.roi_labels(group, hemi)
-            if found is None:
-                continue
-            labels, names = found
-            for label, name in sorted(names.items()):
-                if label == 0:
-                    continue
-                sel = labels == label
-                entry = rois.setdefault(group, {}).setdefault(name, {"lh": None, "rh": None})
-                entry[hemi] = float(nna[hemi][0][sel].mean()) if sel.any() else None
+    rois = roi_means(subject, {h: nna[h][0] for h in HEMIS})
     return {
         "score": float(all_nna.mean()),
         "score_nonzero_nc": float(all_nna[nonzero].mean()) if nonzero.any() else float("nan"),

@@ -185,6 +185,8 @@ def test_fit_head_cli_positive_r2_and_predict(small_cache, train_data, tmp_path)
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val"]["median_r2"] > 0 and 0 <= summary["best_epoch"] < 6
+    assert "validation R² per ROI" in res.output
+    assert set(summary["val_rois"]["prf-visualrois"]["V1v"]) == {"lh", "rh"}
     assert set(summary["val"]["subjects"]) == {"subj01", "subj02", "subj03"}
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == list(range(6)) and all("median_r2" in m["val"] for m in lines)

@@ -11,7 +11,7 @@ from rich.table import Table
 from blobenc.cli._common import DataOpt, JsonOpt, QuietOpt, SeedOpt, console, errors, setup_logging, write_json
 from blobenc.data.algonauts import AlgonautsDataset
 from blobenc.data.synth import SynthConfig, write_synthetic
-from blobenc.predictions import evaluate, submit
+from blobenc.predictions import evaluate, mean_rois, submit
 
 
 def synth_command(
@@ -73,22 +73,14 @@ def score_table(result: dict, title: str) -> Table:
     return table
 
 
-def roi_table(result: dict) -> Table:
-    subjects = list(result["subjects"])
-    table = Table(title="score per ROI (%), mean over subjects")
+def roi_table(rois: dict, title: str = "score per ROI (%), mean over subjects", fmt: str = "{:.2f}") -> Table:
+    """{group: {roi: {lh, rh}}} as a table."""
+    table = Table(title=title)
     for col in ("group", "roi", "lh", "rh"):
         table.add_column(col, justify="right" if col in ("lh", "rh") else "left")
-    groups: dict = {}
-    for name in subjects:
-        for group, rois in result["subjects"][name]["rois"].items():
-            for roi, hemis in rois.items():
-                for hemi, v in hemis.items():
-                    if v is not None:
-                        groups.setdefault(group, {}).setdefault(roi, {}).setdefault(hemi, []).append(v)
-    for group, rois in groups.items():
-        for roi, hemis in rois.items():
-            cells = [f"{sum(hemis[h]) / len(hemis[h]):.2f}" if h in hemis else "-" for h in ("lh", "rh")]
-            table.add_row(group, roi, *cells)
+    for group, entries in rois.items():
+        for roi, hemis in entries.items():
+            table.add_row(group, roi, *(fmt.format(hemis[h]) if hemis[h] is not None else "-" for h in ("lh", "rh")))
     return table
 
 
@@ -108,7 +100,7 @@ def evaluate_command(
         console.print(f"{result['score']:.4f}")
         return
     if rois:
-        console.print(roi_table(result))
+        console.print(roi_table(mean_rois([s["rois"] for s in result["subjects"].values()])))
     console.print(score_table(result, f"noise-normalized accuracy of {pred_dir}"))
 
 

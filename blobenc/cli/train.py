@@ -20,7 +20,7 @@ from blobenc.cli._common import (
     setup_logging,
     write_json,
 )
-from blobenc.cli.data import score_table
+from blobenc.cli.data import roi_table, score_table
 
 
 def fit_head_command(
@@ -81,6 +81,7 @@ def fit_head_command(
         subjects.add_row(name, f"{s['median_r2']:.4f}", f"{s['mean_r']:.4f}", str(s["n"]))
     subjects.add_row("[bold]group", f"[bold]{summary['val']['median_r2']:.4f}", f"{summary['val']['mean_r']:.4f}", "")
     console.print(subjects)
+    console.print(roi_table(summary["val_rois"], "validation R² per ROI (best trial), mean over subjects", "{:.4f}"))
     console.print(f"{summary['samples_per_s']:.0f} samples/s per pass, {summary['seconds']:.1f} s")
 
 

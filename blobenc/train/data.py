@@ -42,6 +42,7 @@ class SplitTargets:
     and a per-subject vertex mask; what every training data source shares."""
 
     def __init__(self, dataset: AlgonautsDataset, split: ValidationSplit, device: torch.device):
+        self.dataset = dataset
         self.subjects = list(dataset.subjects)
         self.group = dataset.group
         self.device = device

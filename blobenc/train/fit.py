@@ -80,17 +80,42 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
     }
 
 
-def _evaluate(trial: Trial, data: HeadData, batch_size: int, device, amp) -> dict:
+def _val_predictions(trial: Trial, data, batch_size: int, device, amp) -> np.ndarray:
+    """Group-space predictions (N_val, V) of the validation samples, in sample order."""
     order, preds = [], []
     with torch.no_grad():
         for idx, feats, subject in data.val_batches(batch_size):
-            batches = iter([([feats[j] for j in trial.layer_idx], subject)])
-            preds.append(predict_group(trial.model, batches, device, amp))
+            preds.append(
+                predict_group(trial.model, iter([([feats[j] for j in trial.layer_idx], subject)]), device, amp)
+            )
             order.append(idx)
     idx = np.concatenate(order)
     pred = np.empty((len(idx), data.group.n_vertices), dtype=np.float32)
     pred[idx] = torch.cat(preds).numpy()
-    s = data.sets["val"]
+    return pred
+
+
+def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
+    """Validation R² per ROI and hemisphere, averaged over subjects: the table fit-head ends with."""
+    from blobenc.predictions import mean_rois, roi_means
+    from blobenc.scoring import r2_score
+
+    pred, s = _val_predictions(trial, data, batch_size, device, amp), data.sets["val"]
+    target = s.target.cpu().numpy()
+    tables = []
+    for i, name in enumerate(data.subjects):
+        rows, cols = s.subject == i, data.group_index[name]
+        if rows.sum() < 2:
+            continue
+        subject = data.dataset.subjects[name]
+        r2 = r2_score(pred[rows][:, cols], target[rows][:, cols])
+        n_lh = subject.n_vertices["lh"]
+        tables.append(roi_means(subject, {"lh": r2[:n_lh], "rh": r2[n_lh:]}))
+    return mean_rois(tables)
+
+
+def _evaluate(trial: Trial, data: HeadData, batch_size: int, device, amp) -> dict:
+    pred, s = _val_predictions(trial, data, batch_size, device, amp), data.sets["val"]
     return validation_scores(
         pred,
         s.target.cpu().numpy(),
@@ -269,7 +294,12 @@ def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool,
     barrier()
     if not main:
         return None
-    return _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
+    summary = _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
+    best_trial, best_dir = next((t, d) for t, d in trials if (d.relative_to(out).as_posix() or ".") == summary["trial"])
+    best_trial.model.load_state_dict(load_weights(best_dir / "best.safetensors"))
+    summary["val_rois"] = val_rois(best_trial, data, base.batch_size, device, amp)
+    write_json(out / "summary.json", summary)
+    return summary
 
 
 def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData, main: bool) -> GroupPCA:
