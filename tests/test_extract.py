@@ -276,3 +276,14 @@ def test_kill_and_resume_is_bitwise_identical(small_data, tmp_path):
     for name in a:
         assert a[name].tobytes() == b[name].tobytes()
     assert FeatureCache.open(tmp_path / "killed").complete
+
+
+def test_pretrained_offline_points_to_weights_and_no_pretrained(small_data, tmp_path):
+    # conftest sets HF_HUB_OFFLINE=1: the download is refused at once, as on an offline cluster
+    res = runner.invoke(
+        app, ["extract", str(small_data), "--model", "test_vit", "--layers", "blocks.0", "--out", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "cannot download pretrained weights for 'test_vit'" in res.output
+    assert "--weights FILE" in res.output and "--no-pretrained" in res.output
+    assert not (tmp_path / "c").exists()  # nothing written before the trunk exists
