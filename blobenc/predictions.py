@@ -74,9 +74,10 @@ def roi_means(subject: Subject, values: dict[str, np.ndarray]) -> dict[str, dict
             for label, name in sorted(names.items()):
                 if label == 0:
                     continue
-                sel = labels == label
+                vals = values[hemi][labels == label]
+                vals = vals[np.isfinite(vals)]  # vertices without a score (NaN) are left out
                 entry = rois.setdefault(group, {}).setdefault(name, {"lh": None, "rh": None})
-                entry[hemi] = float(values[hemi][sel].mean()) if sel.any() else None
+                entry[hemi] = float(vals.mean()) if len(vals) else None
     return rois
 
 

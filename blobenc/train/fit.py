@@ -32,7 +32,15 @@ from blobenc.train.checkpoint import (
 )
 from blobenc.train.config import HeadConfig
 from blobenc.train.data import HeadData
-from blobenc.train.loop import Trial, predict_group, steps_per_epoch, train_step, validation_scores
+from blobenc.train.loop import (
+    Trial,
+    observed_mask,
+    pooled_r2,
+    predict_group,
+    steps_per_epoch,
+    train_step,
+    validation_scores,
+)
 
 logger = logging.getLogger(__name__)
 RUN_FORMAT = "blobenc.run"
@@ -96,21 +104,19 @@ def _val_predictions(trial: Trial, data, batch_size: int, device, amp) -> np.nda
 
 
 def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
-    """Validation R² per ROI and hemisphere, averaged over subjects: the table fit-head ends with."""
+    """Validation R² per ROI and hemisphere (each vertex's R² pooled over subjects, as the headline
+    median), averaged over the subjects' ROI masks: the table fit-head ends with."""
     from blobenc.predictions import mean_rois, roi_means
-    from blobenc.scoring import r2_score
 
     pred, s = _val_predictions(trial, data, batch_size, device, amp), data.sets["val"]
-    target = s.target.cpu().numpy()
+    index = data.group_index.__getitem__
+    r2 = pooled_r2(pred, s.target.cpu().numpy(), observed_mask(s.subject, data.subjects, index, data.group.n_vertices))
     tables = []
-    for i, name in enumerate(data.subjects):
-        rows, cols = s.subject == i, data.group_index[name]
-        if rows.sum() < 2:
-            continue
+    for name in data.subjects:
         subject = data.dataset.subjects[name]
-        r2 = r2_score(pred[rows][:, cols], target[rows][:, cols])
+        native = r2[data.group_index[name]]
         n_lh = subject.n_vertices["lh"]
-        tables.append(roi_means(subject, {"lh": r2[:n_lh], "rh": r2[n_lh:]}))
+        tables.append(roi_means(subject, {"lh": native[:n_lh], "rh": native[n_lh:]}))
     return mean_rois(tables)
 
 

@@ -138,6 +138,28 @@ def predict_group(
     return torch.cat(out)
 
 
+def observed_mask(
+    subject: np.ndarray, subjects: list[str], group_index: Callable[[str], np.ndarray], n_vertices: int
+) -> np.ndarray:
+    """(N, V) True where sample n's subject has vertex v."""
+    observed = np.zeros((len(subject), n_vertices), dtype=bool)
+    for i, name in enumerate(subjects):
+        observed[np.ix_(subject == i, group_index(name))] = True
+    return observed
+
+
+def pooled_r2(pred: np.ndarray, target: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """R² per group vertex over every sample that observes it (NaN where fewer than 2 do).
+
+    Pooling the subjects' validation samples gives each vertex a stable score even when
+    one subject holds only a few validation images."""
+    count = observed.sum(0)
+    mean = np.where(observed, target, 0).sum(0) / np.maximum(count, 1)
+    sse = np.where(observed, (target - pred) ** 2, 0).sum(0)
+    sst = np.where(observed, (target - mean) ** 2, 0).sum(0)
+    return np.where(count >= 2, 1 - sse / np.maximum(sst, 1e-12), np.nan)
+
+
 def validation_scores(
     pred: np.ndarray,
     target: np.ndarray,
@@ -148,25 +170,19 @@ def validation_scores(
 ) -> dict:
     """Median R² over group vertices, pooling every validation sample whose subject has the vertex
     (missing vertices excluded); mean Pearson r over subjects; both per subject on its own vertices."""
-    observed = np.zeros((len(pred), n_vertices), dtype=bool)
+    observed = observed_mask(subject, subjects, group_index, n_vertices)
     per_subject = {}
     for i, name in enumerate(subjects):
         rows = subject == i
         cols = group_index(name)
-        observed[np.ix_(rows, cols)] = True
         if rows.sum() < 2:
             continue
         r2 = r2_score(pred[rows][:, cols], target[rows][:, cols])
         r = pearson_r(pred[rows][:, cols], target[rows][:, cols])
         per_subject[name] = {"median_r2": float(np.median(r2)), "mean_r": float(r.mean()), "n": int(rows.sum())}
-    count = observed.sum(0)
-    seen = count >= 2
-    mean = np.where(observed, target, 0).sum(0) / np.maximum(count, 1)
-    sse = np.where(observed, (target - pred) ** 2, 0).sum(0)
-    sst = np.where(observed, (target - mean) ** 2, 0).sum(0)
-    r2 = 1 - sse[seen] / np.maximum(sst[seen], 1e-12)
+    r2 = pooled_r2(pred, target, observed)
     return {
-        "median_r2": float(np.median(r2)),
+        "median_r2": float(np.nanmedian(r2)),
         "mean_r": float(np.mean([s["mean_r"] for s in per_subject.values()])) if per_subject else float("nan"),
         "subjects": per_subject,
     }
