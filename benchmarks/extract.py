@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import zarr
+from _report import report
 from numcodecs import Zstd
-from rich.console import Console
-from rich.table import Table
 from torch.utils.data import DataLoader
 
 from blobenc.data.algonauts import AlgonautsDataset
@@ -119,12 +117,10 @@ def main(argv=None) -> None:
 
     max_layer_bytes = max(np.prod(d["shape"]) for d in info["layers"].values()) * np.dtype(info["dtype"]).itemsize
     amp_name = "fp32" if amp is None else str(amp).removeprefix("torch.")
-    table = Table(
-        title=f"extract: {args.model}, {len(keys)} images, {device.type} {amp_name}, "
+    title = (
+        f"extract: {args.model}, {len(keys)} images, {device.type} {amp_name}, "
         f"batch {args.batch_size}, {workers} workers, {torch.get_num_threads()} threads"
     )
-    table.add_column("measure")
-    table.add_column("value", justify="right")
     rows = [
         ("bare trunk forward (img/s)", f"{bare:.1f}"),
         ("extract into cache (img/s)", f"{summary['images_per_s']:.1f}"),
@@ -140,10 +136,7 @@ def main(argv=None) -> None:
         ("[bold]ratio zarr / raw read", f"[bold]{zarr_mbs / raw_mbs:.3f}"),
         ("bytes read", f"{nbytes / 1e6:.0f} MB"),
     ]
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
-    print(f"command: python {' '.join(sys.argv)}")
+    report(title, rows)
 
 
 if __name__ == "__main__":

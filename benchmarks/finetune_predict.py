@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,8 +17,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from _report import report
 
 from blobenc.data.algonauts import AlgonautsDataset
 from blobenc.data.synth import SynthConfig, write_synthetic
@@ -74,12 +72,10 @@ def main(argv=None) -> None:
         predict(work / "run", data, work / f"pred-{name}", use_cache=use_cache, device=args.device, progress=False)
         rates[name] = n_test / (time.perf_counter() - t0)
 
-    table = Table(
-        title=f"finetune / predict: {args.model}, batch {args.batch_size}, "
+    title = (
+        f"finetune / predict: {args.model}, batch {args.batch_size}, "
         f"{'cuda' if cuda else 'cpu'}, grad checkpointing {args.grad_checkpointing}"
     )
-    table.add_column("measure")
-    table.add_column("value", justify="right")
     rows = [
         ("finetune samples/s (1 epoch, incl. validation)", f"{summary['samples_per_s']:.1f}"),
         ("trainable parameters", f"{summary['trainable_parameters']:,}"),
@@ -88,10 +84,7 @@ def main(argv=None) -> None:
         ("predict running the trunk (images/s)", f"{rates['trunk']:.1f}"),
         ("[bold]ratio cached / trunk", f"[bold]{rates['cached'] / rates['trunk']:.1f}x"),
     ]
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
-    print(f"command: python {' '.join(sys.argv)}")
+    report(title, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
+from _report import report
 
 from blobenc.data.algonauts import AlgonautsDataset
 from blobenc.data.synth import SynthConfig, write_synthetic
@@ -144,12 +142,10 @@ def main(argv=None) -> None:
     eight_s = time.perf_counter() - t0
 
     shapes = ", ".join(f"{n} {tuple(v)}" for n, v in list(cache.attrs["layer_shapes"].items())[:1])
-    table = Table(
-        title=f"fit-head: {args.model} layers ({len(cache.layers)}x {shapes}), hidden {args.hidden_dim}, "
+    title = (
+        f"fit-head: {args.model} layers ({len(cache.layers)}x {shapes}), hidden {args.hidden_dim}, "
         f"batch {args.batch_size}, {device.type}, {torch.get_num_threads()} threads"
     )
-    table.add_column("measure")
-    table.add_column("value", justify="right")
     rows = [
         ("head from in-memory cache (samples/s)", f"{cache_rate:.1f}"),
         ("head fed by the trunk every batch (samples/s)", f"{trunk_rate:.2f}"),
@@ -160,10 +156,7 @@ def main(argv=None) -> None:
         ("extraction of the cache (s, images)", f"{extract_s:.1f}, {len(index)}"),
         ("cache in memory (MB)", f"{data.features.nbytes / 1e6:.0f}"),
     ]
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
-    print(f"command: python {' '.join(sys.argv)}")
+    report(title, rows)
 
 
 if __name__ == "__main__":

@@ -97,20 +97,7 @@ def import_reference(
         "kwargs": kwargs,
         "subjects": [f"subj{k:02d}" for k in range(1, n_subjects + 1)],
         "layers": layers,
-        "features": {
-            k: feats.attrs[k]
-            for k in (
-                "model",
-                "trunk",
-                "weights_fingerprint",
-                "preprocessing",
-                "pool",
-                "num_prefix_tokens",
-                "layer_shapes",
-                "views",
-                "dtype",
-            )
-        },
+        "features": feats.feature_spec(),
         "cache": str(feats.path),
         "group": group,
         "imported": {

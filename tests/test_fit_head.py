@@ -19,6 +19,19 @@ from blobenc.train.fit import fit_head
 from blobenc.train.loop import masked_mse
 
 runner = CliRunner()
+# the tiny head settings the CLI tests train with
+TINY_ARGS = [
+    "--set",
+    "batch_size=16",
+    "--set",
+    "hidden_dim=32",
+    "--set",
+    "dropout=0.2",
+    "--set",
+    "lr=3e-3",
+    "--pca-components",
+    "40",
+]
 TINY = {"epochs": 3, "batch_size": 32, "hidden_dim": 32, "proj_dim": 48, "lr": 3e-3, "dropout": 0.2}
 
 
@@ -170,16 +183,7 @@ def test_fit_head_cli_positive_r2_and_predict(small_cache, train_data, tmp_path)
             str(run),
             "--set",
             "epochs=6",
-            "--set",
-            "batch_size=16",
-            "--set",
-            "hidden_dim=32",
-            "--set",
-            "dropout=0.2",
-            "--set",
-            "lr=3e-3",
-            "--pca-components",
-            "40",
+            *TINY_ARGS,
         ],
     )
     assert res.exit_code == 0, res.output
@@ -422,16 +426,7 @@ def test_torchrun_two_processes_gloo(small_cache, train_data, tmp_path):
         str(out),
         "--set",
         "epochs=3",
-        "--set",
-        "batch_size=16",
-        "--set",
-        "hidden_dim=32",
-        "--set",
-        "dropout=0.2",
-        "--set",
-        "lr=3e-3",
-        "--pca-components",
-        "40",
+        *TINY_ARGS,
         "--device",
         "cpu",
         "--quiet",

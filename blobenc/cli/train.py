@@ -23,6 +23,17 @@ from blobenc.cli._common import (
 from blobenc.cli.data import roi_table, score_table
 
 
+def validation_table(summary: dict, title: str) -> Table:
+    """Per-subject and group validation scores of a run summary."""
+    table = Table(title=title)
+    for col in ("subject", "median R²", "mean r", "val samples"):
+        table.add_column(col, justify="right")
+    for name, s in summary["val"]["subjects"].items():
+        table.add_row(name, f"{s['median_r2']:.4f}", f"{s['mean_r']:.4f}", str(s["n"]))
+    table.add_row("[bold]group", f"[bold]{summary['val']['median_r2']:.4f}", f"{summary['val']['mean_r']:.4f}", "")
+    return table
+
+
 def fit_head_command(
     cache: CacheArg,
     data: DataOpt,
@@ -74,13 +85,7 @@ def fit_head_command(
         status = f"{row['median_r2']:.4f}" + (" (stopped)" if row["failed"] else "")
         table.add_row(row["dir"], str(row["best_epoch"]), status, cfg)
     console.print(table)
-    subjects = Table(title=f"best: {summary['trial']}, epoch {summary['best_epoch']}")
-    for col in ("subject", "median R²", "mean r", "val samples"):
-        subjects.add_column(col, justify="right")
-    for name, s in summary["val"]["subjects"].items():
-        subjects.add_row(name, f"{s['median_r2']:.4f}", f"{s['mean_r']:.4f}", str(s["n"]))
-    subjects.add_row("[bold]group", f"[bold]{summary['val']['median_r2']:.4f}", f"{summary['val']['mean_r']:.4f}", "")
-    console.print(subjects)
+    console.print(validation_table(summary, f"best: {summary['trial']}, epoch {summary['best_epoch']}"))
     console.print(roi_table(summary["val_rois"], "validation R² per ROI (best trial), mean over subjects", "{:.4f}"))
     console.print(f"{summary['samples_per_s']:.0f} samples/s per pass, {summary['seconds']:.1f} s")
 
@@ -183,13 +188,7 @@ def finetune_command(
         summary = finetune(run, data, out, cfg, resume=resume, progress=not quiet)
     if quiet or summary is None:
         return
-    table = Table(title=f"finetune {out}: best epoch {summary['best_epoch']}")
-    for col in ("subject", "median R²", "mean r", "val samples"):
-        table.add_column(col, justify="right")
-    for name, s in summary["val"]["subjects"].items():
-        table.add_row(name, f"{s['median_r2']:.4f}", f"{s['mean_r']:.4f}", str(s["n"]))
-    table.add_row("[bold]group", f"[bold]{summary['val']['median_r2']:.4f}", f"{summary['val']['mean_r']:.4f}", "")
-    console.print(table)
+    console.print(validation_table(summary, f"finetune {out}: best epoch {summary['best_epoch']}"))
     console.print(
         f"{summary['trainable_parameters']:,} trainable parameters; "
         f"{summary['samples_per_s']:.1f} samples/s, {summary['seconds']:.1f} s"

@@ -157,6 +157,21 @@ class FeatureCache:
         except KeyError as e:
             raise CacheError(f"{self.path}: image {e.args[0]} is not in the cache") from None
 
+    def feature_spec(self) -> dict:
+        """What a head trained on this cache needs to rebuild its inputs: trunk, weights, preprocessing."""
+        keys = (
+            "model",
+            "trunk",
+            "weights_fingerprint",
+            "preprocessing",
+            "pool",
+            "num_prefix_tokens",
+            "layer_shapes",
+            "views",
+            "dtype",
+        )
+        return {k: self.attrs[k] for k in keys}
+
     def array(self, layer: str) -> zarr.Array:
         return self.group[layer]
 

@@ -69,20 +69,7 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
         },
         "subjects": data.subjects,
         "layers": layers,
-        "features": {
-            k: cache.attrs[k]
-            for k in (
-                "model",
-                "trunk",
-                "weights_fingerprint",
-                "preprocessing",
-                "pool",
-                "num_prefix_tokens",
-                "layer_shapes",
-                "views",
-                "dtype",
-            )
-        },
+        "features": cache.feature_spec(),
         "cache": str(cache.path),
         "group": data.group.to_dict(),
     }
