@@ -117,11 +117,23 @@ def predict(
     device: str = "auto",
     precision: str = "auto",
     use_cache: bool = True,
+    images: Path | str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Write PRED/subjNN/{lh,rh}_pred_<split>.npy; returns scores per subject where fMRI exist."""
+    """Write PRED/subjNN/{lh,rh}_pred_<split>.npy; returns scores per subject where fMRI exist.
+
+    With `images` (any folder of images) it writes PRED/subjNN/{lh,rh}_pred_images.npy instead,
+    rows in the order PRED/images.txt lists, for every subject.
+    """
     if split not in ("train", "test"):
         raise ConfigError(f"--split {split!r}: expected train or test")
+    if images is not None:
+        from blobenc.features.images import list_images
+
+        image_keys, image_paths = list_images(Path(images))
+        split = "images"
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "images.txt").write_text("\n".join(image_keys) + "\n")
     model, spec = load_model(run)
     dataset = AlgonautsDataset(data_root)
     if spec.get("group") is not None:
@@ -150,10 +162,14 @@ def predict(
     scores = {}
     for name in track(names, "predicting", progress):
         subject = dataset.subjects[name]
-        if finetuned:
-            feats = [_images(list(subject.images[split]), spec["features"]["preprocessing"])]
+        if images is not None:
+            keys, paths = image_keys, image_paths
         else:
-            feats = source.features(nsd_keys(subject.nsd_ids[split]), list(subject.images[split]), batch_size)
+            keys, paths = nsd_keys(subject.nsd_ids[split]), list(subject.images[split])
+        if finetuned:
+            feats = [_images(paths, spec["features"]["preprocessing"])]
+        else:
+            feats = source.features(keys, paths, batch_size)
         idx = torch.full((batch_size,), spec["subjects"].index(name), device=dev)
         preds = []
         with torch.no_grad():
@@ -164,7 +180,7 @@ def predict(
         group_pred = torch.cat(preds).numpy()
         native = group_pred[:, dataset.group_index(name)]
         write_predictions(Path(out), subject, native, split)
-        if subject.has_fmri(split) and split == "test":
+        if split == "test" and subject.has_fmri(split):
             n_lh = subject.n_vertices["lh"]
             scores[name] = score_subject(subject, {"lh": native[:, :n_lh], "rh": native[:, n_lh:]}, split)
     return scores

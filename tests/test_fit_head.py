@@ -438,3 +438,109 @@ def test_torchrun_two_processes_gloo(small_cache, train_data, tmp_path):
     assert epochs == [0, 1, 2]  # one writer, not one per rank
     summary = json.loads((out / "summary.json").read_text())
     assert np.isfinite(summary["val"]["median_r2"])
+
+
+def test_predict_images_folder(small_cache, train_data, tmp_path):
+    import shutil
+
+    fit_head(small_cache, train_data, tmp_path / "run", [cfg(epochs=1)], progress=False)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sources = sorted((train_data / "subj01/test_split/test_images").iterdir())[:3]
+    for i, src in enumerate(sources):
+        shutil.copy(src, folder / f"stim{i}.png")
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "run"),
+            "--data",
+            str(train_data),
+            "--subject",
+            "subj03",
+            "--images",
+            str(folder),
+            "--out",
+            str(tmp_path / "pred"),
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "pred/images.txt").read_text().split() == ["stim0.png", "stim1.png", "stim2.png"]
+    n_lh = AlgonautsDataset(train_data).subjects["subj03"].n_vertices["lh"]
+    got = np.load(tmp_path / "pred/subj03/lh_pred_images.npy")
+    assert got.shape == (3, n_lh)
+    # the same images through their test-split path (cached features) give the same predictions
+    runner.invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "run"),
+            "--data",
+            str(train_data),
+            "--subject",
+            "subj03",
+            "--out",
+            str(tmp_path / "ref"),
+            "--quiet",
+        ],
+    )
+    ref = np.load(tmp_path / "ref/subj03/lh_pred_test.npy")
+    order = [p.name for p in sorted((train_data / "subj03/test_split/test_images").iterdir())]
+    rows = [order.index(s.name) for s in sources]  # the test images are shared by every subject
+    np.testing.assert_allclose(got, ref[rows], rtol=1e-3, atol=1e-3)
+
+
+def test_non_finite_loss_stops_and_keeps_best(small_cache, train_data, tmp_path, monkeypatch):
+    import blobenc.train.loop as loop
+
+    real = loop.masked_mse
+    calls = {"n": 0}
+
+    def poisoned(pred, target, mask):
+        calls["n"] += 1
+        return real(pred, target, mask) * (float("nan") if calls["n"] > 4 else 1.0)
+
+    monkeypatch.setattr(loop, "masked_mse", poisoned)
+    from blobenc.train.fit import TrainingError
+
+    summary = fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=3, batch_size=64)], progress=False)
+    assert "loss became nan" in summary["trials"][0]["failed"]
+    assert (tmp_path / "r/best.safetensors").is_file() and summary["best_epoch"] >= 0
+    calls["n"] = 10  # from the first step: no epoch ever finishes
+    with pytest.raises(TrainingError, match="every trial stopped: loss became nan at epoch 0"):
+        fit_head(small_cache, train_data, tmp_path / "r2", [cfg(epochs=2, batch_size=64)], progress=False)
+
+
+def test_reuse_pca_file(small_cache, train_data, tmp_path):
+    fit_head(small_cache, train_data, tmp_path / "a", [cfg(epochs=1)], progress=False)
+    res = runner.invoke(
+        app,
+        [
+            "fit-head",
+            str(small_cache),
+            "--data",
+            str(train_data),
+            "--out",
+            str(tmp_path / "b"),
+            "--pca",
+            str(tmp_path / "a/pca.safetensors"),
+            "--set",
+            "epochs=1",
+            *TINY_ARGS[:-2],
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    a, b = load_file(tmp_path / "a/pca.safetensors"), load_file(tmp_path / "b/pca.safetensors")
+    torch.testing.assert_close(a["components"], b["components"], rtol=0, atol=0)
+    other = tmp_path / "other.safetensors"
+    pca = GroupPCA(3).fit(np.random.default_rng(0).normal(size=(10, 7)).astype(np.float32))
+    from blobenc.data.algonauts import GroupSpace
+
+    pca.group = GroupSpace({"lh": np.arange(3), "rh": np.arange(4)}, {"lh": 10, "rh": 10})
+    pca.save(other)
+    res = runner.invoke(
+        app,
+        ["fit-head", str(small_cache), "--data", str(train_data), "--out", str(tmp_path / "c"), "--pca", str(other)],
+    )
+    assert res.exit_code == 1 and "fitted in another vertex space" in res.output

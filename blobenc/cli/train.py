@@ -111,6 +111,9 @@ def predict_command(
     subject: Annotated[str, typer.Option("--subject", help="subjNN or 'all'.")] = "all",
     split: Annotated[str, typer.Option(help="test or train.")] = "test",
     cache: Annotated[Path | None, typer.Option(help="Feature cache (default: the one the run used).")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Any folder of images: writes subjNN/{lh,rh}_pred_images.npy + images.txt.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -122,7 +125,9 @@ def predict_command(
 
     setup_logging(quiet)
     with errors():
-        scores = predict(run, data, out, subject, split, cache, batch_size, device, precision, progress=not quiet)
+        scores = predict(
+            run, data, out, subject, split, cache, batch_size, device, precision, images=images, progress=not quiet
+        )
     if scores:
         result = {
             "score": sum(s["score"] for s in scores.values()) / len(scores),
