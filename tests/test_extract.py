@@ -214,7 +214,7 @@ def test_local_weights_file(small_data, tmp_path):
     torch.save(model.state_dict(), tmp_path / "w.pth")
     out = {}
     for name in ("w.safetensors", "w.pth"):
-        spec = TrunkSpec("test_vit", pretrained=True, weights=str(tmp_path / name), seed=0)
+        spec = TrunkSpec("test_vit", pretrained=False, weights=str(tmp_path / name), seed=0)  # the file wins
         run_extract(small_data, tmp_path / name.replace(".", "_"), trunk=spec, layers=("blocks.0",))
         out[name] = zarr.open_group(tmp_path / name.replace(".", "_"), mode="r")
     ref = TrunkSpec("test_vit", False, seed=7)
@@ -225,7 +225,7 @@ def test_local_weights_file(small_data, tmp_path):
         np.testing.assert_array_equal(g["blocks.0"][:], ref_g["blocks.0"][:])
     save_file({"nope": torch.zeros(2)}, tmp_path / "bad.safetensors")
     with pytest.raises(ModelError, match=r"--weights .*bad.safetensors: does not fit 'test_vit'"):
-        create_trunk(TrunkSpec("test_vit", True, str(tmp_path / "bad.safetensors")))
+        create_trunk(TrunkSpec("test_vit", False, str(tmp_path / "bad.safetensors")))
 
 
 def test_info_and_layers_cli(small_data, tmp_path):

@@ -39,6 +39,10 @@ PrecisionOpt = Annotated[
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables (for scripts).")]
+RunOutOpt = Annotated[Path, typer.Option("--out", help="Run folder to write (must be new unless --resume).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of config keys (the reference's keys).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value config override, repeatable.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
 
 
 @contextmanager

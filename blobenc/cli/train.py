@@ -10,11 +10,15 @@ from rich.table import Table
 
 from blobenc.cli._common import (
     CacheArg,
+    ConfigOpt,
     DataOpt,
     DeviceOpt,
     JsonOpt,
     PrecisionOpt,
     QuietOpt,
+    ResumeOpt,
+    RunOutOpt,
+    SetOpt,
     console,
     errors,
     setup_logging,
@@ -37,15 +41,15 @@ def validation_table(summary: dict, title: str) -> Table:
 def fit_head_command(
     cache: CacheArg,
     data: DataOpt,
-    out: Annotated[Path, typer.Option("--out", help="Run folder to write (must be new unless --resume).")],
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file of config keys (reference keys).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable.")] = None,
+    out: RunOutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     sweep: Annotated[
         list[str] | None, typer.Option("--sweep", help="key=v1,v2,... repeatable: every combination, one pass.")
     ] = None,
     pca: Annotated[Path | None, typer.Option("--pca", help="Reuse a group PCA file instead of fitting one.")] = None,
     pca_components: Annotated[int | None, typer.Option(help="PCA components (= proj_dim; default 2048).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    resume: ResumeOpt = False,
     max_memory: Annotated[
         str | None, typer.Option(help="Memory for features, e.g. 8G; beyond it they stream from the cache.")
     ] = None,
@@ -161,9 +165,9 @@ def import_reference_command(
 def finetune_command(
     run: Annotated[Path, typer.Argument(help="A fit-head run (or sweep: its best trial).")],
     data: DataOpt,
-    out: Annotated[Path, typer.Option("--out", help="Run folder to write (must be new unless --resume).")],
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file of config keys.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable.")] = None,
+    out: RunOutOpt,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     unfreeze: Annotated[
         list[str] | None, typer.Option("--unfreeze", help="Trunk parameter glob to train (default blocks.*.attn.**).")
     ] = None,
@@ -171,7 +175,7 @@ def finetune_command(
         list[str] | None, typer.Option("--freeze", help="Trunk parameter glob kept frozen (default **norm**).")
     ] = None,
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute trunk activations in backward.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    resume: ResumeOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
