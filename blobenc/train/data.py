@@ -128,8 +128,15 @@ class ChunkStream:
         self.n_rows = len(cache.keys)
         row_bytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in self.arrays)
         self.prefetch = prefetch
-        spare = max_memory - (prefetch + 1) * self.chunk_images * row_bytes
-        self.buffer_size = max(2 * batch_size, spare // max(row_bytes, 1))
+        floor = (prefetch + 1) * self.chunk_images * row_bytes  # chunks being read, queued and consumed
+        if max_memory < floor:
+            logger.warning(
+                "--max-memory %.0f MB is below the streaming floor of %d chunks (%.0f MB): using the floor",
+                max_memory / 1e6,
+                prefetch + 1,
+                floor / 1e6,
+            )
+        self.buffer_size = max(2 * batch_size, (max_memory - floor) // max(row_bytes, 1))
 
     def _chunks(self, order: np.ndarray) -> Iterator[tuple[int, list[np.ndarray]]]:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
