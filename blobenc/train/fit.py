@@ -206,18 +206,19 @@ def fit_head(
 
     pca = _group_pca(out / "pca.safetensors", pca_path, resume, base, data, main)
     n_components = len(pca.components_)
-    main and write_json(
-        run_file,
-        {
-            "format": RUN_FORMAT,
-            "kind": "fit-head",
-            "cache": str(cache_path),
-            "data": str(data_root),
-            "configs": [c.to_dict() for c in configs],
-            "pca_components": n_components,
-            "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
-        },
-    )
+    if main:
+        write_json(
+            run_file,
+            {
+                "format": RUN_FORMAT,
+                "kind": "fit-head",
+                "cache": str(cache_path),
+                "data": str(data_root),
+                "configs": [c.to_dict() for c in configs],
+                "pca_components": n_components,
+                "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
+            },
+        )
 
     n_train = len(data.sets["train"])
     min_last = 2 * world_size()  # batch norm needs two samples on every rank
