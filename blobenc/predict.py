@@ -159,17 +159,17 @@ def predict(
             if use_cache
             else FeatureSource(spec | {"cache": None}, None, dev, amp)
         )
+
+    def inputs(keys: list[str], paths: list[Path]) -> list[torch.Tensor]:
+        if finetuned:
+            return [_images(paths, spec["features"]["preprocessing"])]
+        return source.features(keys, paths, batch_size)
+
+    shared = inputs(image_keys, image_paths) if images is not None else None  # the same for every subject
     scores = {}
     for name in track(names, "predicting", progress):
         subject = dataset.subjects[name]
-        if images is not None:
-            keys, paths = image_keys, image_paths
-        else:
-            keys, paths = nsd_keys(subject.nsd_ids[split]), list(subject.images[split])
-        if finetuned:
-            feats = [_images(paths, spec["features"]["preprocessing"])]
-        else:
-            feats = source.features(keys, paths, batch_size)
+        feats = shared or inputs(nsd_keys(subject.nsd_ids[split]), list(subject.images[split]))
         idx = torch.full((batch_size,), spec["subjects"].index(name), device=dev)
         preds = []
         with torch.no_grad():

@@ -544,3 +544,13 @@ def test_reuse_pca_file(small_cache, train_data, tmp_path):
         ["fit-head", str(small_cache), "--data", str(train_data), "--out", str(tmp_path / "c"), "--pca", str(other)],
     )
     assert res.exit_code == 1 and "fitted in another vertex space" in res.output
+
+
+def test_config_file_device_stands_unless_the_flag_is_given(tmp_path):
+    from blobenc.cli.train import runtime_overrides
+
+    path = tmp_path / "c.yaml"
+    path.write_text("device: cpu\nprecision: fp32\n")
+    assert load_config(path, runtime_overrides("auto", "auto")).device == "cpu"  # defaults do not override
+    c = load_config(path, runtime_overrides("cuda:1", "bf16"))
+    assert (c.device, c.precision) == ("cuda:1", "bf16")

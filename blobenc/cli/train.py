@@ -27,6 +27,11 @@ from blobenc.cli._common import (
 from blobenc.cli.data import roi_table, score_table
 
 
+def runtime_overrides(device: str, precision: str) -> list[str]:
+    """--device/--precision as config overrides, only when given: a config file's values stand otherwise."""
+    return [f"{k}={v}" for k, v in (("device", device), ("precision", precision)) if v != "auto"]
+
+
 def validation_table(summary: dict, title: str) -> Table:
     """Per-subject and group validation scores of a run summary."""
     table = Table(title=title)
@@ -63,7 +68,7 @@ def fit_head_command(
 
     setup_logging(quiet, out / "log.txt")
     with errors():
-        overrides = [*list(set_ or []), f"device={device}", f"precision={precision}"]
+        overrides = [*(set_ or []), *runtime_overrides(device, precision)]
         if pca_components is not None:
             overrides.append(f"proj_dim={pca_components}")
         base = load_config(config, overrides)
@@ -186,7 +191,7 @@ def finetune_command(
 
     setup_logging(quiet, out / "log.txt")
     with errors():
-        overrides = [*(set_ or []), f"device={device}", f"precision={precision}"]
+        overrides = [*(set_ or []), *runtime_overrides(device, precision)]
         if unfreeze:
             overrides.append(f"unfreeze={list(unfreeze)}")
         if freeze:

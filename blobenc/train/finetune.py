@@ -12,7 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
-from blobenc.distributed import world_size
 from blobenc.errors import ModelError
 from blobenc.features.extract import default_workers
 from blobenc.features.trunk import (
@@ -29,8 +28,8 @@ from blobenc.heads import create_head
 from blobenc.train.checkpoint import load_weights, read_json
 from blobenc.train.config import FinetuneConfig
 from blobenc.train.data import SplitTargets
-from blobenc.train.fit import RUN_FORMAT, add_trial, resolve_run, start_run, train_trials, write_json
-from blobenc.train.loop import epoch_batches, steps_per_epoch
+from blobenc.train.fit import RUN_FORMAT, add_trial, resolve_run, start_run, total_steps, train_trials, write_json
+from blobenc.train.loop import epoch_batches
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +174,6 @@ def finetune(
                 "configs": [config.to_dict()],
             },
         )
-    n_steps = steps_per_epoch(len(data.sets["train"]), config.batch_size, 2 * world_size())
     trials: list = []
     add_trial(
         trials,
@@ -185,7 +183,7 @@ def finetune(
         encoder.to(device),
         [0],
         new_spec,
-        config.epochs * n_steps,
+        total_steps(data, config),
         device,
         distributed,
         main,

@@ -75,19 +75,23 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
     }
 
 
-def _val_predictions(trial: Trial, data, batch_size: int, device, amp) -> np.ndarray:
-    """Group-space predictions (N_val, V) of the validation samples, in sample order."""
-    order, preds = [], []
+def _val_predictions(trials: list[Trial], data, batch_size: int, device, amp) -> list[np.ndarray]:
+    """Group-space predictions (N_val, V) of the validation samples, in sample order, for every
+    trial from one pass over the validation data (a streamed cache is read once, not per trial)."""
+    order, preds = [], [[] for _ in trials]
     with torch.no_grad():
         for idx, feats, subject in data.val_batches(batch_size):
-            preds.append(
-                predict_group(trial.model, iter([([feats[j] for j in trial.layer_idx], subject)]), device, amp)
-            )
+            for out, trial in zip(preds, trials, strict=True):
+                inputs = [([feats[j] for j in trial.layer_idx], subject)]
+                out.append(predict_group(trial.model, iter(inputs), device, amp))
             order.append(idx)
     idx = np.concatenate(order)
-    pred = np.empty((len(idx), data.group.n_vertices), dtype=np.float32)
-    pred[idx] = torch.cat(preds).numpy()
-    return pred
+    result = []
+    for out in preds:
+        pred = np.empty((len(idx), data.group.n_vertices), dtype=np.float32)
+        pred[idx] = torch.cat(out).numpy()
+        result.append(pred)
+    return result
 
 
 def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
@@ -95,9 +99,9 @@ def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
     median), averaged over the subjects' ROI masks: the table fit-head ends with."""
     from blobenc.predictions import mean_rois, roi_means
 
-    pred, s = _val_predictions(trial, data, batch_size, device, amp), data.sets["val"]
-    index = data.group_index.__getitem__
-    r2 = pooled_r2(pred, s.target.cpu().numpy(), observed_mask(s.subject, data.subjects, index, data.group.n_vertices))
+    [pred], s = _val_predictions([trial], data, batch_size, device, amp), data.sets["val"]
+    observed = observed_mask(s.subject, data.subjects, data.group_index, data.group.n_vertices)
+    r2 = pooled_r2(pred, s.target.cpu().numpy(), observed)
     tables = []
     for name in data.subjects:
         subject = data.dataset.subjects[name]
@@ -107,16 +111,14 @@ def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
     return mean_rois(tables)
 
 
-def _evaluate(trial: Trial, data: HeadData, batch_size: int, device, amp) -> dict:
-    pred, s = _val_predictions(trial, data, batch_size, device, amp), data.sets["val"]
-    return validation_scores(
-        pred,
-        s.target.cpu().numpy(),
-        s.subject,
-        data.subjects,
-        lambda name: data.group_index[name],
-        data.group.n_vertices,
-    )
+def _evaluate(trials: list[Trial], data, batch_size: int, device, amp) -> list[dict]:
+    """Validation scores of every trial, from one pass over the validation data."""
+    s = data.sets["val"]
+    target = s.target.cpu().numpy()
+    return [
+        validation_scores(pred, target, s.subject, data.subjects, data.group_index, data.group.n_vertices)
+        for pred in _val_predictions(trials, data, batch_size, device, amp)
+    ]
 
 
 def start_run(out: Path, configs: list, resume: bool, base) -> tuple:
@@ -220,9 +222,6 @@ def fit_head(
             },
         )
 
-    n_train = len(data.sets["train"])
-    min_last = 2 * world_size()  # batch norm needs two samples on every rank
-    n_steps = steps_per_epoch(n_train, base.batch_size, min_last)
     trials: list = []
     for k, cfg in enumerate(configs):
         spec = _model_spec(cfg, data, cache, n_components)
@@ -238,12 +237,17 @@ def fit_head(
             model.to(device),
             [data.layers.index(n) for n in spec["layers"]],
             spec,
-            base.epochs * n_steps,
+            total_steps(data, base),
             device,
             distributed,
             main,
         )
     return train_trials(out, trials, data, base, device, amp, resume, progress, "fit-head")
+
+
+def total_steps(data, base) -> int:
+    """Optimizer steps of the whole run: what each trial's schedule spans."""
+    return base.epochs * steps_per_epoch(len(data.sets["train"]), base.batch_size, 2 * world_size())
 
 
 def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool, progress: bool, label: str):
@@ -278,18 +282,20 @@ def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool,
                         )
                     losses[id(trial)].append(loss)
                 bar.update(task, advance=1)
+            running = [(t, d) for t, d in trials if not t.failed]
+            scores = _evaluate([t for t, _ in running], data, base.batch_size, device, amp) if running else []
+            val = {id(t): v for (t, _), v in zip(running, scores, strict=True)}
             for trial, tdir in trials:
                 if trial.failed and trial.history and trial.history[-1].get("failed"):
-                    continue
-                _end_epoch(trial, tdir, epoch, losses[id(trial)], data, base.batch_size, device, amp, main)
+                    continue  # its failure is on record already
+                _end_epoch(trial, tdir, epoch, losses[id(trial)], val.get(id(trial)), main)
             best = max(trials, key=lambda t: t[0].best_score)[0]
             bar.update(task, status=f"epoch {epoch + 1}/{base.epochs} best val median R² {best.best_score:.4f}")
     seconds = time.perf_counter() - t0
     barrier()
     if not main:
         return None
-    summary = _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
-    best_trial, best_dir = next((t, d) for t, d in trials if (d.relative_to(out).as_posix() or ".") == summary["trial"])
+    summary, best_trial, best_dir = _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
     best_trial.model.load_state_dict(load_weights(best_dir / "best.safetensors"))
     summary["val_rois"] = val_rois(best_trial, data, base.batch_size, device, amp)
     write_json(out / "summary.json", summary)
@@ -315,17 +321,7 @@ def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: Hea
     return pca
 
 
-def _end_epoch(
-    trial: Trial,
-    tdir: Path,
-    epoch: int,
-    losses: list[float],
-    data: HeadData,
-    batch_size: int,
-    device,
-    amp,
-    main: bool = True,
-) -> None:
+def _end_epoch(trial: Trial, tdir: Path, epoch: int, losses: list[float], val: dict | None, main: bool) -> None:
     finite = [v for v in losses if math.isfinite(v)]
     record = {
         "epoch": epoch,
@@ -336,7 +332,7 @@ def _end_epoch(
     if trial.failed:
         record["failed"] = trial.failed
     else:
-        record["val"] = _evaluate(trial, data, batch_size, device, amp)
+        record["val"] = val
         score = record["val"]["median_r2"]
         improved = score > trial.best_score
         if improved:
@@ -379,7 +375,7 @@ def _restore(trials) -> int:
             raise ConfigError(f"{path}: nothing to resume (no epoch finished yet); start a new run")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-        tensors = load_weights(path)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         trial.model.load_state_dict(load_weights(tdir / "last.safetensors"))
         load_optimizer_state(trial.optimizer, tensors, meta["param_groups"])
         trial.rng_state = tensors["rng_state"]
@@ -392,7 +388,8 @@ def _restore(trials) -> int:
     return epochs.pop() + 1
 
 
-def _summarize(out: Path, trials, seconds: float, samples: int) -> dict:
+def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, Trial, Path]:
+    """The run summary (the best trial's, plus every trial's row) and the best trial with its folder."""
     ranked = sorted(trials, key=lambda t: t[0].best_score, reverse=True)
     rows = [
         {
@@ -407,13 +404,12 @@ def _summarize(out: Path, trials, seconds: float, samples: int) -> dict:
     ]
     if all(t.failed for t, _ in trials) and all(t.best_epoch < 0 for t, _ in trials):
         raise TrainingError(f"{out}: every trial stopped: {trials[0][0].failed}")
-    _best_trial, best_dir = ranked[0]
+    best_trial, best_dir = ranked[0]
     summary = read_json(best_dir / "summary.json")
     summary |= {"trial": rows[0]["dir"], "seconds": seconds, "samples_per_s": samples / seconds, "trials": rows}
     if len(trials) > 1:
         write_json(out / "sweep.json", {"trials": rows, "best": rows[0]["dir"]})
-    write_json(out / "summary.json", summary)
-    return summary
+    return summary, best_trial, best_dir
 
 
 def resolve_run(run: Path | str) -> Path:

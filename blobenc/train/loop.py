@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,12 +139,12 @@ def predict_group(
 
 
 def observed_mask(
-    subject: np.ndarray, subjects: list[str], group_index: Callable[[str], np.ndarray], n_vertices: int
+    subject: np.ndarray, subjects: list[str], group_index: dict[str, np.ndarray], n_vertices: int
 ) -> np.ndarray:
     """(N, V) True where sample n's subject has vertex v."""
     observed = np.zeros((len(subject), n_vertices), dtype=bool)
     for i, name in enumerate(subjects):
-        observed[np.ix_(subject == i, group_index(name))] = True
+        observed[np.ix_(subject == i, group_index[name])] = True
     return observed
 
 
@@ -165,7 +165,7 @@ def validation_scores(
     target: np.ndarray,
     subject: np.ndarray,
     subjects: list[str],
-    group_index: Callable[[str], np.ndarray],
+    group_index: dict[str, np.ndarray],
     n_vertices: int,
 ) -> dict:
     """Median R² over group vertices, pooling every validation sample whose subject has the vertex
@@ -174,7 +174,7 @@ def validation_scores(
     per_subject = {}
     for i, name in enumerate(subjects):
         rows = subject == i
-        cols = group_index(name)
+        cols = group_index[name]
         if rows.sum() < 2:
             continue
         r2 = r2_score(pred[rows][:, cols], target[rows][:, cols])
