@@ -14,5 +14,5 @@ def report(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column("value", justify="right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=120).print(table)
     print(f"command: python {' '.join(sys.argv)}")

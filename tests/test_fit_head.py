@@ -16,7 +16,7 @@ from blobenc.pca import GroupPCA
 from blobenc.train import fit as fit_mod
 from blobenc.train.config import HeadConfig, load_config, sweep_configs
 from blobenc.train.fit import fit_head
-from blobenc.train.loop import masked_mse
+from blobenc.train.loop import EmbeddedTargets, embedded_mse
 
 runner = CliRunner()
 # the tiny head settings the CLI tests train with
@@ -89,18 +89,34 @@ def test_subject_selection():
         torch.testing.assert_close(out[i], w[s] @ h[i] + b[s])
 
 
-def test_masked_loss_ignores_missing_vertices():
-    pred = torch.randn(4, 6, requires_grad=True)
-    target = torch.randn(4, 6)
-    mask = torch.ones(4, 6, dtype=torch.bool)
-    mask[1, 2:] = False
-    loss = masked_mse(pred, target, mask)
-    changed = target.clone()
-    changed[1, 2:] = 1e6  # garbage where the subject has no vertex
-    assert masked_mse(pred, changed, mask).item() == pytest.approx(loss.item())
+def embedded_loss(z, subject, target, weight, bias, masks):
+    """The loss training uses, from group-space targets (zeros where a subject lacks a vertex)."""
+    y = (target - bias) * masks[subject]
+    gram = torch.stack([weight.T @ (weight * m[:, None]) for m in masks])
+    targets = EmbeddedTargets(y @ weight, (y * y).sum(1), gram, masks.sum(1))
+    return embedded_mse(z, subject, targets.r, targets.q, targets)
+
+
+def test_embedded_loss_is_the_masked_group_mse_and_ignores_missing_vertices():
+    torch.manual_seed(0)
+    n_vertices, p = 50, 7
+    weight, bias = torch.randn(n_vertices, p, dtype=torch.float64), torch.randn(n_vertices, dtype=torch.float64)
+    masks = torch.ones(3, n_vertices, dtype=torch.float64)
+    masks[1, 10:25] = 0  # subject 1 lacks 15 vertices
+    subject = torch.tensor([0, 1, 1, 2, 1])
+    target = torch.randn(5, n_vertices, dtype=torch.float64) * masks[subject]
+    z = torch.randn(5, p, dtype=torch.float64, requires_grad=True)
+    loss = embedded_loss(z, subject, target, weight, bias, masks)
+    mask = masks[subject].bool()
+    z_ref = z.detach().clone().requires_grad_(True)
+    reference = (((z_ref @ weight.T + bias) - target)[mask] ** 2).mean()  # masked MSE in group space
+    torch.testing.assert_close(loss, reference)
     loss.backward()
-    assert (pred.grad[1, 2:] == 0).all() and (pred.grad[0] != 0).all()
-    assert loss.item() == pytest.approx(((pred - target)[mask] ** 2).mean().item())
+    reference.backward()
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    changed = target.clone()
+    changed[1, 10:25] = 1e6  # garbage where the subject has no vertex
+    assert embedded_loss(z, subject, changed, weight, bias, masks).item() == pytest.approx(loss.item())
 
 
 def test_head_registry():
@@ -387,12 +403,15 @@ def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data
     assert mem.features is not None and stream.stream is not None
     # every training sample exactly once per epoch, with the same features as the in-memory path
     seen = []
-    for _, subject, target, _ in stream.train_batches(8, seed=0, epoch=0):
-        assert len(subject) >= 2
-        seen.append(target)
-    assert sum(len(t) for t in seen) == len(mem.sets["train"])
+    stream.embed(torch.randn(stream.group.n_vertices, 5), torch.zeros(stream.group.n_vertices))
+    for _, subject, r, q in stream.train_batches(8, seed=0, epoch=0):
+        assert len(subject) == len(r) == len(q) >= 2
+        seen.append(r)
+    rows = torch.cat(seen)
+    assert len(rows) == len(mem.sets["train"])
+    assert len(torch.unique(rows, dim=0)) == len(rows)  # no sample twice
     idx, feats, _ = next(stream.val_batches(8))
-    ref, _, _, _ = mem.batch("val", idx)
+    ref = mem.features_of("val", idx)
     for a, b in zip(feats, ref, strict=True):
         torch.testing.assert_close(a, b)
     config = [cfg(epochs=6, batch_size=16)]
@@ -494,14 +513,14 @@ def test_predict_images_folder(small_cache, train_data, tmp_path):
 def test_non_finite_loss_stops_and_keeps_best(small_cache, train_data, tmp_path, monkeypatch):
     import blobenc.train.loop as loop
 
-    real = loop.masked_mse
+    real = loop.embedded_mse
     calls = {"n": 0}
 
-    def poisoned(pred, target, mask):
+    def poisoned(*args):
         calls["n"] += 1
-        return real(pred, target, mask) * (float("nan") if calls["n"] > 4 else 1.0)
+        return real(*args) * (float("nan") if calls["n"] > 4 else 1.0)
 
-    monkeypatch.setattr(loop, "masked_mse", poisoned)
+    monkeypatch.setattr(loop, "embedded_mse", poisoned)
     from blobenc.train.fit import TrainingError
 
     summary = fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=3, batch_size=64)], progress=False)

@@ -16,7 +16,7 @@ from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache, chunk_ranges
 from blobenc.progress import track
-from blobenc.train.loop import epoch_batches
+from blobenc.train.loop import EmbeddedTargets, epoch_batches, observed_mask
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class SampleSet:
     subject: np.ndarray  # (N,) subject index
     nsd: np.ndarray  # (N,) NSD id of the image
     path: list[Path]  # (N,) image file
-    target: torch.Tensor  # (N, V) group space, 0 where the subject has no vertex
+    rows: list[tuple[int, np.ndarray]]  # (subject index, fMRI rows) blocks, in sample order
     feature_row: np.ndarray | None = None  # (N,) row in the feature table (cache-backed data)
 
     def __len__(self) -> int:
@@ -38,51 +38,89 @@ class SampleSet:
 
 
 class SplitTargets:
-    """(subject, image) samples of the training images, split by image, with group-space targets
-    and a per-subject vertex mask; what every training data source shares."""
+    """(subject, image) samples of the training images, split by image, with their responses:
+    the validation targets in group space for scoring, the training targets through the frozen
+    embedding (`embed`) for the loss. What every training data source shares."""
 
     def __init__(self, dataset: AlgonautsDataset, split: ValidationSplit, device: torch.device):
         self.dataset = dataset
         self.subjects = list(dataset.subjects)
         self.group = dataset.group
         self.device = device
-        n_vertices = self.group.n_vertices
         self.group_index = {s: dataset.group_index(s) for s in self.subjects}
-        masks = np.zeros((len(self.subjects), n_vertices), dtype=bool)
-        for i, s in enumerate(self.subjects):
-            masks[i, self.group_index[s]] = True
-        self.masks = torch.from_numpy(masks).to(device)
         parts: dict[str, list] = {"train": [], "val": []}
         for i, name in enumerate(self.subjects):
-            subject = dataset.subjects[name]
-            native = subject.fmri_native("train")
-            for part, rows in zip(("train", "val"), split.rows(subject), strict=True):
-                parts[part].append((i, rows, native[rows], subject))
-        self.sets = {part: self._sample_set(ps, n_vertices) for part, ps in parts.items()}
+            for part, rows in zip(("train", "val"), split.rows(dataset.subjects[name]), strict=True):
+                parts[part].append((i, rows))
+        self.sets = {part: self._sample_set(blocks) for part, blocks in parts.items()}
         if not len(self.sets["train"]) or not len(self.sets["val"]):
             raise ConfigError("the validation split left no training or no validation samples")
+        self.val_target = self.group_targets("val")
+        self.targets: EmbeddedTargets | None = None
 
-    def _sample_set(self, parts, n_vertices) -> SampleSet:
-        subject = np.concatenate([np.full(len(rows), i) for i, rows, _, _ in parts])
-        nsd = np.concatenate([s.nsd_ids["train"][rows] for _, rows, _, s in parts])
-        paths = [s.images["train"][r] for _, rows, _, s in parts for r in rows.tolist()]
-        target = np.zeros((len(subject), n_vertices), dtype=np.float32)
+    def _sample_set(self, blocks: list[tuple[int, np.ndarray]]) -> SampleSet:
+        subjects = [self.dataset.subjects[self.subjects[i]] for i, _ in blocks]
+        return SampleSet(
+            subject=np.concatenate([np.full(len(rows), i) for i, rows in blocks]),
+            nsd=np.concatenate([s.nsd_ids["train"][rows] for s, (_, rows) in zip(subjects, blocks, strict=True)]),
+            path=[s.images["train"][r] for s, (_, rows) in zip(subjects, blocks, strict=True) for r in rows.tolist()],
+            rows=blocks,
+        )
+
+    def _native_blocks(self, part: str) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(subject index, offset of the block's first sample, native responses) per subject."""
         offset = 0
-        for i, _, native, _ in parts:
+        for i, rows in self.sets[part].rows:
+            yield i, offset, self.dataset.subjects[self.subjects[i]].fmri_native("train")[rows]
+            offset += len(rows)
+
+    def group_targets(self, part: str) -> np.ndarray:
+        """(N, V) float32 responses of `part` in group space, 0 where the sample's subject has no vertex."""
+        target = np.zeros((len(self.sets[part]), self.group.n_vertices), dtype=np.float32)
+        for i, offset, native in self._native_blocks(part):
             target[offset : offset + len(native), self.group_index[self.subjects[i]]] = native
-            offset += len(native)
-        return SampleSet(subject, nsd, paths, torch.from_numpy(target).to(self.device))
+        return target
 
-    def _pack(self, part: str, idx: np.ndarray, feats: list[torch.Tensor]):
-        """(features, subject index, target, mask) for samples `idx` of `part`."""
-        s = self.sets[part]
-        subject = torch.as_tensor(s.subject[idx], device=s.target.device)
-        return feats, subject, s.target[idx], self.masks[subject]
+    def observed(self, part: str) -> np.ndarray:
+        """(N, V) True where the sample's subject has the vertex."""
+        return observed_mask(self.sets[part].subject, self.subjects, self.group_index, self.group.n_vertices)
 
-    def train_targets(self) -> tuple[np.ndarray, np.ndarray]:
-        """Training targets in group space and their observed mask, for the group PCA."""
-        s = self.sets["train"]
-        return s.target.cpu().numpy(), self.masks.cpu()[torch.as_tensor(s.subject)].numpy()
+    @torch.no_grad()
+    def embed(self, weight: torch.Tensor, bias: torch.Tensor, block: int = 4096) -> None:
+        """Training targets through the frozen embedding (group prediction = weight @ z + bias):
+        (r, q) per sample and G_s per subject (see EmbeddedTargets), straight from the native
+        responses, so group-space training targets are never held."""
+        w = weight.detach().float().to(self.device)
+        c = bias.detach().float().to(self.device)
+        full = w.T @ w
+        gram, counts = [], []
+        for name in self.subjects:
+            idx = torch.as_tensor(self.group_index[name], device=self.device)
+            lacks = torch.ones(len(c), dtype=torch.bool, device=self.device)
+            lacks[idx] = False
+            gram.append(full - w[lacks].T @ w[lacks])  # the few vertices a subject lacks, not all it has
+            counts.append(len(idx))
+        n = len(self.sets["train"])
+        r = torch.empty(n, w.shape[1], device=self.device)
+        q = torch.empty(n, device=self.device)
+        for i, offset, native in self._native_blocks("train"):
+            idx = torch.as_tensor(self.group_index[self.subjects[i]], device=self.device)
+            for start in range(0, len(native), block):
+                y = torch.as_tensor(np.asarray(native[start : start + block]), device=self.device) - c[idx]
+                r[offset + start : offset + start + len(y)] = y @ w[idx]
+                q[offset + start : offset + start + len(y)] = (y * y).sum(1)
+        self.targets = EmbeddedTargets(r, q, torch.stack(gram), torch.tensor(counts, device=self.device))
+
+    def training_batch(self, idx: np.ndarray, feats: list[torch.Tensor]):
+        """(features, subject index, r, q) for training samples `idx`."""
+        if self.targets is None:
+            raise RuntimeError("embed() the training targets before drawing training batches")
+        subject = torch.as_tensor(self.sets["train"].subject[idx], device=self.device)
+        i = torch.as_tensor(idx, device=self.device)
+        return feats, subject, self.targets.r[i], self.targets.q[i]
+
+    def _subjects(self, part: str, idx: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(self.sets[part].subject[idx], device=self.device)
 
 
 class CachedFeatures:
@@ -256,35 +294,32 @@ class HeadData(SplitTargets):
             )
         self.layer_shapes = [list(cache.attrs["layer_shapes"][n]) for n in self.layers]
 
-    def batch(self, part: str, idx: np.ndarray, view_rng: np.random.Generator | None = None):
-        """(features per layer, subject index, target, mask) for samples `idx` of `part` (in memory)."""
-        s = self.sets[part]
+    def features_of(self, part: str, idx: np.ndarray, view_rng: np.random.Generator | None = None):
+        """Features per layer of samples `idx` of `part` (in memory); a random view each with `view_rng`."""
         views = None
         if view_rng is not None and self.features.views > 1:
             views = view_rng.integers(0, self.features.views, len(idx))
-        return self._pack(part, idx, self.features.gather(s.feature_row[idx], views))
+        return self.features.gather(self.sets[part].feature_row[idx], views)
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
-        """One shuffled epoch of (features, subject, target, mask) batches; the order depends on (seed, epoch)."""
+        """One shuffled epoch of (features, subject, r, q) batches; the order depends on (seed, epoch)."""
         view_rng = np.random.default_rng([seed, epoch, 1])
         if self.stream is None:
             for idx in epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last):
-                yield self.batch("train", idx, view_rng)
+                yield self.training_batch(idx, self.features_of("train", idx, view_rng))
             return
         rows = self.cache_rows[self.sets["train"].feature_row]
         rng = np.random.default_rng([seed, epoch])
         for idx, feats in self.stream.batches(rows, batch_size, rng, view_rng, min_last):
-            yield self._pack("train", idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
+            yield self.training_batch(idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
 
     def val_batches(self, batch_size: int) -> Iterator[tuple]:
         """(sample indices, features, subject) over the validation samples, view 0."""
         n = len(self.sets["val"])
         if self.stream is None:
             for idx in np.array_split(np.arange(n), max(1, -(-n // batch_size))):
-                feats, subject, _, _ = self.batch("val", idx)
-                yield idx, feats, subject
+                yield idx, self.features_of("val", idx), self._subjects("val", idx)
             return
         rows = self.cache_rows[self.sets["val"].feature_row]
         for idx, feats in self.stream.batches(rows, batch_size, None, None, 1):
-            feats, subject, _, _ = self._pack("val", idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
-            yield idx, feats, subject
+            yield idx, [torch.from_numpy(f).to(self.device).float() for f in feats], self._subjects("val", idx)

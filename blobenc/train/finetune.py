@@ -44,10 +44,10 @@ class ImageEncoder(nn.Module):
         self.layers, self.pool, self.prefix = list(layers), pool, prefix
         self.capture = LayerCapture(trunk, self.layers)
 
-    def forward(self, inputs: list[torch.Tensor], subject: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: list[torch.Tensor], subject: torch.Tensor, latent: bool = False) -> torch.Tensor:
         feats = self.capture(inputs[0])
         out = [pool_features(feats[n], self.pool, self.prefix) if self.pool else feats[n] for n in self.layers]
-        return self.head(out, subject)
+        return self.head(out, subject, latent=latent)
 
 
 def build_encoder(spec: dict) -> ImageEncoder:
@@ -122,14 +122,13 @@ class ImageData(SplitTargets):
     def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
         batches = list(epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last))
         for idx, x in zip(batches, self._loader("train", self.augment, batches, seed, epoch), strict=True):
-            yield self._pack("train", idx, [x.to(self.device, non_blocking=True)])
+            yield self.training_batch(idx, [x.to(self.device, non_blocking=True)])
 
     def val_batches(self, batch_size: int) -> Iterator[tuple]:
         n = len(self.sets["val"])
         batches = np.array_split(np.arange(n), max(1, -(-n // batch_size)))
         for idx, x in zip(batches, self._loader("val", self.eval, batches, 0, 0), strict=True):
-            feats, subject, _, _ = self._pack("val", idx, [x.to(self.device, non_blocking=True)])
-            yield idx, feats, subject
+            yield idx, [x.to(self.device, non_blocking=True)], self._subjects("val", idx)
 
 
 def finetune(
@@ -162,6 +161,7 @@ def finetune(
     if main:
         split.save(split_file)
     data = ImageData(dataset, split, spec["features"]["preprocessing"], config, device)
+    data.embed(*encoder.head.embedding())
     new_spec = spec | {"finetuned": True, "finetune": {"from": str(source), "trainable_parameters": n_trainable}}
     if main:
         write_json(

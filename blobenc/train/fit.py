@@ -34,7 +34,6 @@ from blobenc.train.config import HeadConfig
 from blobenc.train.data import HeadData
 from blobenc.train.loop import (
     Trial,
-    observed_mask,
     pooled_r2,
     predict_group,
     steps_per_epoch,
@@ -99,9 +98,9 @@ def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
     median), averaged over the subjects' ROI masks: the table fit-head ends with."""
     from blobenc.predictions import mean_rois, roi_means
 
-    [pred], s = _val_predictions([trial], data, batch_size, device, amp), data.sets["val"]
-    observed = observed_mask(s.subject, data.subjects, data.group_index, data.group.n_vertices)
-    r2 = pooled_r2(pred, s.target.cpu().numpy(), observed)
+    [pred] = _val_predictions([trial], data, batch_size, device, amp)
+    observed = data.observed("val")
+    r2 = pooled_r2(pred, data.val_target, observed)
     tables = []
     for name in data.subjects:
         subject = data.dataset.subjects[name]
@@ -114,9 +113,8 @@ def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
 def _evaluate(trials: list[Trial], data, batch_size: int, device, amp) -> list[dict]:
     """Validation scores of every trial, from one pass over the validation data."""
     s = data.sets["val"]
-    target = s.target.cpu().numpy()
     return [
-        validation_scores(pred, target, s.subject, data.subjects, data.group_index, data.group.n_vertices)
+        validation_scores(pred, data.val_target, s.subject, data.subjects, data.group_index, data.group.n_vertices)
         for pred in _val_predictions(trials, data, batch_size, device, amp)
     ]
 
@@ -242,6 +240,7 @@ def fit_head(
             distributed,
             main,
         )
+    data.embed(*trials[0][0].model.embedding())  # every trial shares the PCA
     return train_trials(out, trials, data, base, device, amp, resume, progress, "fit-head")
 
 
@@ -267,14 +266,14 @@ def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool,
         task = bar.add_task(label, total=(base.epochs - start_epoch) * n_steps, status="")
         for epoch in range(start_epoch, base.epochs):
             losses = {id(t): [] for t, _ in trials}
-            for feats, subject, target, mask in data.train_batches(base.batch_size, base.seed, epoch, min_last):
+            for feats, subject, r, q in data.train_batches(base.batch_size, base.seed, epoch, min_last):
                 if distributed:  # this rank's slice of the global batch
                     sl = slice(rank(), None, world_size())
-                    feats, subject, target, mask = [f[sl] for f in feats], subject[sl], target[sl], mask[sl]
+                    feats, subject, r, q = [f[sl] for f in feats], subject[sl], r[sl], q[sl]
                 for trial, _ in trials:
                     if trial.failed:
                         continue
-                    loss = train_step(trial, feats, subject, target, mask, device, amp)
+                    loss = train_step(trial, feats, subject, r, q, data.targets, device, amp)
                     if not math.isfinite(loss):
                         trial.failed = f"loss became {loss} at epoch {epoch}, step {trial.step}"
                         logger.error(
@@ -308,8 +307,8 @@ def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: Hea
         if pca.group is None or not pca.group.same_as(data.group):
             raise ConfigError(f"{pca_path or target}: fitted in another vertex space than this dataset's group space")
     else:
-        Y, mask = data.train_targets()
-        pca = GroupPCA(base.proj_dim, seed=base.seed, device=data.masks.device).fit(Y, mask)
+        pca = GroupPCA(base.proj_dim, seed=base.seed, device=data.device)
+        pca.fit(data.group_targets("train"), data.observed("train"))
         pca.group = data.group
         logger.info(
             "group PCA: %d components explain %.1f%% of the variance",
