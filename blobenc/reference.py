@@ -40,8 +40,6 @@ def import_reference(
     ckpt = _load(Path(checkpoint), "checkpoint")
     if "encoder" not in ckpt:
         raise ModelError(f"{checkpoint}: no 'encoder' state dict (keys: {', '.join(map(str, ckpt))})")
-    if ckpt.get("trunk") is not None:
-        raise ModelError(f"{checkpoint}: holds a fine-tuned trunk; importing phase-2 checkpoints is not supported yet")
     enc = ckpt["encoder"]
     pca_sd = _load(Path(pca), "PCA")
     if set(pca_sd) < {"weight", "bias"}:
@@ -107,9 +105,39 @@ def import_reference(
             "metric": _scalar(ckpt.get("metric")),
         },
     }
+    weights = model.state_dict()
+    if ckpt.get("trunk") is not None:  # phase 2: the fine-tuned trunk travels with the head
+        encoder = _finetuned_encoder(ckpt["trunk"], model, spec, checkpoint)
+        spec |= {"finetuned": True}
+        weights = encoder.state_dict()
     write_json(out / "model.json", spec)
-    save_weights(out / "best.safetensors", model.state_dict())
+    save_weights(out / "best.safetensors", weights)
     return out
+
+
+def _finetuned_encoder(trunk_sd, head: torch.nn.Module, spec: dict, checkpoint) -> torch.nn.Module:
+    """Trunk + head as `predict` runs a finetune run, the trunk's weights from the checkpoint."""
+    from blobenc.train.finetune import build_encoder
+
+    if not isinstance(trunk_sd, dict):
+        raise ModelError(f"{checkpoint}: 'trunk' is a {type(trunk_sd).__name__}, expected a state dict or None")
+    encoder = build_encoder(spec | {"finetuned": True})
+    encoder.head.load_state_dict(head.state_dict())
+    own = encoder.trunk.state_dict()
+    missing, unexpected = sorted(set(own) - set(trunk_sd)), sorted(set(trunk_sd) - set(own))
+    if missing or unexpected:
+        raise ModelError(
+            f"{checkpoint}: its trunk does not fit {spec['features']['model']} (the cache's trunk): "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    for name, value in trunk_sd.items():
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise ModelError(
+                f"{checkpoint}: trunk weight {name} has shape {tuple(value.shape)}, "
+                f"{spec['features']['model']} expects {tuple(own[name].shape)}"
+            )
+    encoder.trunk.load_state_dict(trunk_sd)
+    return encoder
 
 
 def _scalar(x):

@@ -375,6 +375,42 @@ def test_import_reference_reproduces_formula(small_cache, train_data, tmp_path):
     assert np.load(tmp_path / "pred/subj02/lh_pred_test.npy").shape == (10, ds.subjects["subj02"].n_vertices["lh"])
 
 
+def test_import_reference_phase2_checkpoint_carries_its_trunk(small_cache, train_data, tmp_path):
+    from PIL import Image
+
+    from blobenc import ModelError
+    from blobenc.features.cache import FeatureCache
+    from blobenc.features.trunk import LayerCapture, create_trunk, eval_transform
+    from blobenc.reference import import_reference, reference_formula
+    from blobenc.train.fit import load_model
+
+    ds = AlgonautsDataset(train_data)
+    enc = _reference_files(tmp_path, ds.group.n_vertices, (101, 64))
+    cache = FeatureCache.open(small_cache)
+    trunk = create_trunk(TrunkSpec(**cache.attrs["trunk"]))
+    g = torch.Generator().manual_seed(1)
+    tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in trunk.state_dict().items()}
+    torch.save({"epoch": 5, "metric": 0.209, "trunk": tuned, "encoder": enc}, tmp_path / "phase2.pt")
+    import_reference(tmp_path / "phase2.pt", tmp_path / "pca.pt", small_cache, tmp_path / "ref2")
+    model, spec = load_model(tmp_path / "ref2")
+    assert spec["finetuned"]
+
+    trunk.load_state_dict(tuned)  # the reference: its fine-tuned trunk's features, then the formula
+    paths = ds.subjects["subj01"].images["test"][:3]
+    x = torch.stack([eval_transform(cache.attrs["preprocessing"])(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        feats = LayerCapture(trunk, spec["layers"])(x)
+        got = model([x], torch.full((3,), 2)).numpy()
+    expected = reference_formula(
+        {k: v.numpy() for k, v in enc.items()}, [feats[n].numpy() for n in spec["layers"]], subject=2
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+
+    torch.save({"trunk": {"head.weight": torch.zeros(2)}, "encoder": enc}, tmp_path / "other.pt")
+    with pytest.raises(ModelError, match="other.pt: its trunk does not fit test_vit"):
+        import_reference(tmp_path / "other.pt", tmp_path / "pca.pt", small_cache, tmp_path / "ref3")
+
+
 class _Payload:
     def __reduce__(self):
         return (print, ("pwned",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +54,10 @@ class ImageEncoder(nn.Module):
 def build_encoder(spec: dict) -> ImageEncoder:
     """Trunk (rebuilt, fingerprint checked when the spec comes from fit-head) + head from model.json."""
     feats = spec["features"]
-    trunk = create_trunk(TrunkSpec(**feats["trunk"]))
+    trunk_spec = TrunkSpec(**feats["trunk"])
+    if spec.get("finetuned"):  # its own weights replace the trunk's: build the architecture, load nothing
+        trunk_spec = dataclasses.replace(trunk_spec, pretrained=False, weights=None)
+    trunk = create_trunk(trunk_spec)
     if not spec.get("finetuned") and weights_fingerprint(trunk) != feats["weights_fingerprint"]:
         raise ModelError(
             f"the rebuilt trunk {feats['model']} does not match the weights its cache was made with "
