@@ -17,6 +17,10 @@ from blobenc.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 
+def _row_blocks(n: int, size: int = 2048) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 class GroupPCA:
     """PCA of responses in group space, with missing entries handled by EM imputation.
 
@@ -51,48 +55,62 @@ class GroupPCA:
         self.device = torch.device(device)
         self.group: GroupSpace | None = None
 
-    def fit(self, Y: np.ndarray, mask: np.ndarray | None = None) -> GroupPCA:
-        """Y: (n_samples, n_vertices); mask: same shape, True where observed (None: all observed)."""
-        Y = np.array(Y, dtype=np.float32, copy=True)
+    def fit(self, Y: np.ndarray, mask: np.ndarray | None = None, *, copy: bool = True) -> GroupPCA:
+        """Y: (n_samples, n_vertices); mask: same shape, True where observed (None: all observed).
+
+        copy=False works in Y itself (float32; its missing entries end up imputed): at NSD scale
+        Y is 12 GB, so the fit holds it once plus scikit-learn's centred copy, nothing the size of Y
+        besides (imputation and variances go by blocks of rows)."""
+        Y = np.array(Y, dtype=np.float32) if copy else np.asarray(Y, dtype=np.float32)
         n, v = Y.shape
         k = min(self.n_components, n, v)
         if k < 1:
             raise DataError(f"cannot fit a PCA on {n} samples x {v} vertices")
+        incomplete = np.zeros(0, dtype=np.int64)
         if mask is not None:
             counts = mask.sum(0)
             if (counts == 0).any():
                 raise DataError(f"{int((counts == 0).sum())} group vertices are observed in no sample")
-            mean = np.where(mask, Y, 0).sum(0) / counts
-            Y[~mask] = np.broadcast_to(mean, Y.shape)[~mask]
-        for it in range(1 + (self.n_iter if mask is not None and not mask.all() else 0)):
+            mean = sum(np.where(mask[b], Y[b], 0).sum(0) for b in _row_blocks(n)) / counts
+            incomplete = np.flatnonzero(~mask.all(1))
+            self._impute(Y, mask, incomplete, lambda y: np.broadcast_to(mean, y.shape))
+        for it in range(1 + (self.n_iter if len(incomplete) else 0)):
             self._fit_complete(Y, k)
-            if it < self.n_iter and mask is not None:
-                recon = self.inverse_transform(self.transform(Y))
-                Y[~mask] = recon[~mask]
+            if it < self.n_iter:
+                self._impute(Y, mask, incomplete, lambda y: self.inverse_transform(self.transform(y)))
         return self
+
+    @staticmethod
+    def _impute(Y: np.ndarray, mask: np.ndarray, rows: np.ndarray, fill) -> None:
+        """Y[r, ~mask[r]] = fill(Y[r])[~mask[r]] for the rows r with missing entries, block by block."""
+        for b in _row_blocks(len(rows)):
+            r = rows[b]
+            y, m = Y[r], mask[r]
+            Y[r] = np.where(m, y, fill(y))
 
     def _fit_complete(self, Y: np.ndarray, k: int) -> None:
         backend = self.backend
         if backend == "auto":
             backend = "torch" if self.device.type == "cuda" else "sklearn"
-        total_var = Y.var(0, ddof=1).sum()
         if backend == "sklearn":
             pca = PCA(n_components=k, svd_solver="randomized" if k < min(Y.shape) else "full", random_state=self.seed)
             pca.fit(Y)
             self.mean_ = pca.mean_.astype(np.float32)
             self.components_ = np.ascontiguousarray(pca.components_, dtype=np.float32)
             self.explained_variance_ = pca.explained_variance_.astype(np.float32)
-        else:
-            torch.manual_seed(self.seed)
-            y = torch.as_tensor(Y, device=self.device)
-            mean = y.mean(0)
-            _, s, vt = torch.svd_lowrank(y - mean, q=min(k + 10, min(Y.shape)), niter=6)
-            self.mean_ = mean.cpu().numpy()
-            self.components_ = vt.T[:k].contiguous().cpu().numpy()
-            self.explained_variance_ = (s[:k] ** 2 / (len(Y) - 1)).cpu().numpy()
-            # sign convention as scikit-learn's svd_flip (largest |loading| positive) for comparability
-            signs = np.sign(self.components_[np.arange(k), np.abs(self.components_).argmax(1)])
-            self.components_ *= signs[:, None]
+            self.explained_variance_ratio_ = pca.explained_variance_ratio_.astype(np.float32)
+            return
+        torch.manual_seed(self.seed)
+        y = torch.as_tensor(Y, device=self.device)
+        mean = y.mean(0)
+        _, s, vt = torch.svd_lowrank(y - mean, q=min(k + 10, min(Y.shape)), niter=6)
+        self.mean_ = mean.cpu().numpy()
+        self.components_ = vt.T[:k].contiguous().cpu().numpy()
+        self.explained_variance_ = (s[:k] ** 2 / (len(Y) - 1)).cpu().numpy()
+        # sign convention as scikit-learn's svd_flip (largest |loading| positive) for comparability
+        signs = np.sign(self.components_[np.arange(k), np.abs(self.components_).argmax(1)])
+        self.components_ *= signs[:, None]
+        total_var = sum(float(((Y[b] - self.mean_) ** 2).sum()) for b in _row_blocks(len(Y))) / (len(Y) - 1)
         self.explained_variance_ratio_ = self.explained_variance_ / total_var
 
     def transform(self, Y: np.ndarray) -> np.ndarray:

@@ -153,6 +153,11 @@ def test_pca_missing_vertices_are_not_zeros():
     # the EM components span the true subspace
     proj = em.components_ @ complete.components_.T
     np.testing.assert_allclose(np.linalg.svd(proj, compute_uv=False), 1, atol=1e-2)
+    # in place (what fit-head does with its temporary targets): the same fit, Y's gaps imputed
+    work = observed.copy()
+    in_place = GroupPCA(3, n_iter=10).fit(work, mask, copy=False)
+    np.testing.assert_array_equal(in_place.components_, em.components_)
+    assert np.abs(work[:150, 30:] - Y[:150, 30:]).max() < 0.1 and (work[mask] == observed[mask]).all()
 
 
 def test_pca_save_load(small_data, tmp_path):

@@ -308,7 +308,7 @@ def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: Hea
             raise ConfigError(f"{pca_path or target}: fitted in another vertex space than this dataset's group space")
     else:
         pca = GroupPCA(base.proj_dim, seed=base.seed, device=data.device)
-        pca.fit(data.group_targets("train"), data.observed("train"))
+        pca.fit(data.group_targets("train"), data.observed("train"), copy=False)  # a temporary: fit in place
         pca.group = data.group
         logger.info(
             "group PCA: %d components explain %.1f%% of the variance",
