@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -16,3 +18,14 @@ def report(title: str, rows: list[tuple[str, str]]) -> None:
         table.add_row(*row)
     Console(width=120).print(table)
     print(f"command: python {' '.join(sys.argv)}")
+
+
+def synthetic_workdir(workdir: Path | None, prefix: str, config) -> tuple[Path, Path]:
+    """(work folder, synthetic dataset in it): the dataset is written once and reused by reruns."""
+    from blobenc.data.synth import write_synthetic
+
+    work = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+    data = work / "data"
+    if not data.exists():
+        write_synthetic(data, config)
+    return work, data

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,12 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import zarr
-from _report import report
+from _report import report, synthetic_workdir
 from numcodecs import Zstd
 from torch.utils.data import DataLoader
 
 from blobenc.data.algonauts import AlgonautsDataset
-from blobenc.data.synth import SynthConfig, write_synthetic
+from blobenc.data.synth import SynthConfig
 from blobenc.features.cache import FeatureCache
 from blobenc.features.extract import ExtractConfig, default_workers, extract
 from blobenc.features.images import ImageViews
@@ -81,13 +80,9 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp folder)")
     args = p.parse_args(argv)
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="blobenc-bench-"))
-    data = work / "data"
-    if not data.exists():
-        n_train = max(2, args.images // 2)
-        write_synthetic(
-            data, SynthConfig(subjects=1, train_images=n_train, test_images=args.images - n_train, image_size=425)
-        )
+    n_train = max(2, args.images // 2)
+    synth = SynthConfig(subjects=1, train_images=n_train, test_images=args.images - n_train, image_size=425)
+    work, data = synthetic_workdir(args.workdir, "blobenc-bench-", synth)
     index = AlgonautsDataset(data).unique_images()
     keys, paths = index.keys, list(index.paths)
     device = resolve_device(args.device)

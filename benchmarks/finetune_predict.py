@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from _report import report
+from _report import report, synthetic_workdir
 
 from blobenc.data.algonauts import AlgonautsDataset
-from blobenc.data.synth import SynthConfig, write_synthetic
+from blobenc.data.synth import SynthConfig
 from blobenc.features.extract import ExtractConfig, extract
 from blobenc.features.trunk import TrunkSpec
 from blobenc.predict import predict
@@ -40,10 +39,8 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args(argv)
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="blobenc-bench-ft-"))
-    data = work / "data"
-    if not data.exists():
-        write_synthetic(data, SynthConfig(subjects=2, train_images=args.train_images, test_images=32))
+    synth = SynthConfig(subjects=2, train_images=args.train_images, test_images=32)
+    work, data = synthetic_workdir(args.workdir, "blobenc-bench-ft-", synth)
     index = AlgonautsDataset(data).unique_images()
     trunk = TrunkSpec(args.model, pretrained=False)
     extract(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from _report import report
+from _report import report, synthetic_workdir
 
 from blobenc.data.algonauts import AlgonautsDataset
-from blobenc.data.synth import SynthConfig, write_synthetic
+from blobenc.data.synth import SynthConfig
 from blobenc.features.cache import FeatureCache
 from blobenc.features.extract import ExtractConfig, extract
 from blobenc.features.images import ImageViews
@@ -180,12 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args(argv)
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="blobenc-bench-head-"))
-    data_root = work / "data"
-    if not data_root.exists():
-        write_synthetic(
-            data_root, SynthConfig(subjects=2, train_images=args.train_images, test_images=8, vertices="full")
-        )
+    synth = SynthConfig(subjects=2, train_images=args.train_images, test_images=8, vertices="full")
+    work, data_root = synthetic_workdir(args.workdir, "blobenc-bench-head-", synth)
     ds = AlgonautsDataset(data_root)
     device = resolve_device(args.device)
     amp = resolve_precision("auto", device)

@@ -309,6 +309,13 @@ def test_fit_head_bad_inputs(small_cache, train_data, tmp_path):
         app, ["fit-head", str(tmp_path / "nope"), "--data", str(train_data), "--out", str(tmp_path / "r2")]
     )
     assert res.exit_code == 1 and "feature cache not found" in res.output and "Traceback" not in res.output
+    # one validation image seen by one subject: no R² to select epochs by, so say so before training
+    out = tmp_path / "r3"
+    res = runner.invoke(
+        app, ["fit-head", str(small_cache), "--data", str(train_data), "--out", str(out), "--set", "val_fraction=0.001"]
+    )
+    assert res.exit_code == 1 and "1 validation samples; at least 2 of each are needed" in res.output, res.output
+    assert "change val_fraction" in res.output and not (out / "best.safetensors").exists()
 
 
 def _reference_files(tmp_path, n_vertices, layer_shape, n_layers=2, k=16, p=12, n_subjects=8):

@@ -53,8 +53,12 @@ class SplitTargets:
             for part, rows in zip(("train", "val"), split.rows(dataset.subjects[name]), strict=True):
                 parts[part].append((i, rows))
         self.sets = {part: self._sample_set(blocks) for part, blocks in parts.items()}
-        if not len(self.sets["train"]) or not len(self.sets["val"]):
-            raise ConfigError("the validation split left no training or no validation samples")
+        n_train, n_val = len(self.sets["train"]), len(self.sets["val"])
+        if n_train < 2 or n_val < 2:
+            raise ConfigError(
+                f"the validation split left {n_train} training and {n_val} validation samples; at least 2 of "
+                "each are needed (batch norm, R²): change val_fraction or use more images"
+            )
         self.val_target = self.group_targets("val")
         self.targets: EmbeddedTargets | None = None
 

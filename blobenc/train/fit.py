@@ -403,6 +403,8 @@ def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, T
     ]
     if all(t.failed for t, _ in trials) and all(t.best_epoch < 0 for t, _ in trials):
         raise TrainingError(f"{out}: every trial stopped: {trials[0][0].failed}")
+    if all(t.best_epoch < 0 for t, _ in trials):
+        raise TrainingError(f"{out}: no epoch gave a finite validation score (median R² is NaN)")
     best_trial, best_dir = ranked[0]
     summary = read_json(best_dir / "summary.json")
     summary |= {"trial": rows[0]["dir"], "seconds": seconds, "samples_per_s": samples / seconds, "trials": rows}
