@@ -119,9 +119,8 @@ class SplitTargets:
         """(features, subject index, r, q) for training samples `idx`."""
         if self.targets is None:
             raise RuntimeError("embed() the training targets before drawing training batches")
-        subject = torch.as_tensor(self.sets["train"].subject[idx], device=self.device)
         i = torch.as_tensor(idx, device=self.device)
-        return feats, subject, self.targets.r[i], self.targets.q[i]
+        return feats, self._subjects("train", idx), self.targets.r[i], self.targets.q[i]
 
     def _subjects(self, part: str, idx: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(self.sets[part].subject[idx], device=self.device)
