@@ -451,7 +451,11 @@ def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data
     assert mem.features is not None and stream.stream is not None
     # every training sample exactly once per epoch, with the same features as the in-memory path
     seen = []
-    stream.embed(torch.randn(stream.group.n_vertices, 5), torch.zeros(stream.group.n_vertices))
+    weight, bias = torch.randn(stream.group.n_vertices, 5), torch.randn(stream.group.n_vertices)
+    stream.embed(weight, bias)
+    mem.embed(weight, bias, block=7)  # fMRI read in blocks of 7 rows: the same targets
+    torch.testing.assert_close(mem.targets.r, stream.targets.r)
+    torch.testing.assert_close(mem.targets.q, stream.targets.q)
     for _, subject, r, q in stream.train_batches(8, seed=0, epoch=0):
         assert len(subject) == len(r) == len(q) >= 2
         seen.append(r)

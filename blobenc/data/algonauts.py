@@ -82,9 +82,11 @@ class Subject:
             self._cache[key] = arr
         return self._cache[key]
 
-    def fmri_native(self, split: str) -> np.ndarray:
-        """(n_images, n_vertices_total) float32 in native order (lh then rh), in RAM."""
-        return np.concatenate([np.asarray(self.fmri(split, h), dtype=np.float32) for h in HEMIS], axis=1)
+    def fmri_native(self, split: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n, n_vertices_total) float32 in native order (lh then rh), in RAM: every image, or only
+        `rows` (read from the memory maps, so a block of rows costs a block of memory)."""
+        sel = slice(None) if rows is None else rows
+        return np.concatenate([np.asarray(self.fmri(split, h)[sel], dtype=np.float32) for h in HEMIS], axis=1)
 
     def noise_ceiling(self, hemi: str) -> np.ndarray | None:
         """Noise ceiling per vertex as a fraction in [0, 1], or None when not shipped."""

@@ -71,11 +71,14 @@ class SplitTargets:
             rows=blocks,
         )
 
-    def _native_blocks(self, part: str) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(subject index, offset of the block's first sample, native responses) per subject."""
+    def _native_blocks(self, part: str, block: int = 4096) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(subject index, first sample of the block, native responses) for blocks of at most
+        `block` samples, read row by row from the memory-mapped fMRI."""
         offset = 0
         for i, rows in self.sets[part].rows:
-            yield i, offset, self.dataset.subjects[self.subjects[i]].fmri_native("train")[rows]
+            subject = self.dataset.subjects[self.subjects[i]]
+            for start in range(0, len(rows), block):
+                yield i, offset + start, subject.fmri_native("train", rows[start : start + block])
             offset += len(rows)
 
     def group_targets(self, part: str) -> np.ndarray:
@@ -107,12 +110,11 @@ class SplitTargets:
         n = len(self.sets["train"])
         r = torch.empty(n, w.shape[1], device=self.device)
         q = torch.empty(n, device=self.device)
-        for i, offset, native in self._native_blocks("train"):
+        for i, offset, native in self._native_blocks("train", block):
             idx = torch.as_tensor(self.group_index[self.subjects[i]], device=self.device)
-            for start in range(0, len(native), block):
-                y = torch.as_tensor(np.asarray(native[start : start + block]), device=self.device) - c[idx]
-                r[offset + start : offset + start + len(y)] = y @ w[idx]
-                q[offset + start : offset + start + len(y)] = (y * y).sum(1)
+            y = torch.as_tensor(native, device=self.device) - c[idx]
+            r[offset : offset + len(y)] = y @ w[idx]
+            q[offset : offset + len(y)] = (y * y).sum(1)
         self.targets = EmbeddedTargets(r, q, torch.stack(gram), torch.tensor(counts, device=self.device))
 
     def training_batch(self, idx: np.ndarray, feats: list[torch.Tensor]):
