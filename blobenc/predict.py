@@ -13,9 +13,9 @@ from blobenc.data.algonauts import AlgonautsDataset
 from blobenc.errors import CacheError, ConfigError, ModelError
 from blobenc.predictions import score_subject, write_predictions
 from blobenc.progress import track
+from blobenc.run import group_of, load_model
 from blobenc.runtime import autocast, resolve_device, resolve_precision
 from blobenc.train.data import nsd_keys
-from blobenc.train.fit import group_of, load_model
 
 logger = logging.getLogger(__name__)
 

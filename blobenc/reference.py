@@ -10,8 +10,7 @@ import torch
 from blobenc.errors import ModelError
 from blobenc.features.cache import FeatureCache
 from blobenc.heads import create_head, token_shape
-from blobenc.train.checkpoint import save_weights, write_json
-from blobenc.train.fit import RUN_FORMAT
+from blobenc.train.checkpoint import RUN_FORMAT, save_weights, write_json
 
 
 def _load(path: Path, what: str) -> dict:

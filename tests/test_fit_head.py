@@ -14,6 +14,7 @@ from blobenc.features.trunk import TrunkSpec
 from blobenc.heads import FactorizedLinear, GroupLinearEncoder, SubjectLinear, create_head, list_heads
 from blobenc.pca import GroupPCA
 from blobenc.train import fit as fit_mod
+from blobenc.train.checkpoint import resolve_run
 from blobenc.train.config import HeadConfig, load_config, sweep_configs
 from blobenc.train.fit import fit_head
 from blobenc.train.loop import EmbeddedTargets, embedded_mse
@@ -268,7 +269,7 @@ def test_sweep_trials_equal_solo_runs(small_cache, train_data, tmp_path):
     solo_row = solo["trials"][0]
     trial_row = next(t for t in sweep["trials"] if t["dir"] == "trial-03")
     assert trial_row["median_r2"] == pytest.approx(solo_row["median_r2"], abs=1e-6)
-    assert fit_mod.resolve_run(tmp_path / "sweep") == tmp_path / "sweep" / sweep["best"]
+    assert resolve_run(tmp_path / "sweep") == tmp_path / "sweep" / sweep["best"]
 
 
 def test_resume_equals_uninterrupted(small_cache, train_data, tmp_path, monkeypatch):
@@ -342,7 +343,7 @@ def _reference_files(tmp_path, n_vertices, layer_shape, n_layers=2, k=16, p=12, 
 def test_import_reference_reproduces_formula(small_cache, train_data, tmp_path):
     from blobenc.features.cache import FeatureCache
     from blobenc.reference import reference_formula
-    from blobenc.train.fit import load_model
+    from blobenc.run import load_model
 
     ds = AlgonautsDataset(train_data)
     enc = _reference_files(tmp_path, ds.group.n_vertices, (101, 64))
@@ -394,7 +395,7 @@ def test_import_reference_phase2_checkpoint_carries_its_trunk(small_cache, train
     from blobenc.features.cache import FeatureCache
     from blobenc.features.trunk import LayerCapture, create_trunk, eval_transform
     from blobenc.reference import import_reference, reference_formula
-    from blobenc.train.fit import load_model
+    from blobenc.run import load_model
 
     ds = AlgonautsDataset(train_data)
     enc = _reference_files(tmp_path, ds.group.n_vertices, (101, 64))

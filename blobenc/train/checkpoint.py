@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from blobenc.errors import ConfigError
 
+RUN_FORMAT = "blobenc.run"  # model.json / run.json of every run folder
+
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
@@ -57,3 +59,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(groups)})
+
+
+def resolve_run(run: Path | str) -> Path:
+    """The trial folder a run or sweep directory stands for (the best trial of a sweep)."""
+    run = Path(run)
+    if (run / "sweep.json").is_file():
+        return run / read_json(run / "sweep.json")["best"]
+    if not (run / "model.json").is_file():
+        raise ConfigError(f"{run}: not a blobenc run (no model.json or sweep.json)")
+    return run

@@ -26,10 +26,10 @@ from blobenc.features.trunk import (
     weights_fingerprint,
 )
 from blobenc.heads import create_head
-from blobenc.train.checkpoint import load_weights, read_json
+from blobenc.train.checkpoint import RUN_FORMAT, load_weights, read_json, resolve_run, write_json
 from blobenc.train.config import FinetuneConfig
 from blobenc.train.data import SplitTargets
-from blobenc.train.fit import RUN_FORMAT, add_trial, resolve_run, start_run, total_steps, train_trials, write_json
+from blobenc.train.fit import add_trial, start_run, total_steps, train_trials
 from blobenc.train.loop import epoch_batches
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import yaml
 from rich.progress import TextColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from blobenc.data.algonauts import AlgonautsDataset, GroupSpace, ValidationSplit
+from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
 from blobenc.distributed import barrier, init_from_env, is_main, rank, world_size
 from blobenc.errors import BlobencError, ConfigError
 from blobenc.features.cache import FeatureCache
@@ -23,6 +23,7 @@ from blobenc.pca import GroupPCA
 from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
 from blobenc.train.checkpoint import (
+    RUN_FORMAT,
     load_optimizer_state,
     load_weights,
     optimizer_state,
@@ -42,7 +43,6 @@ from blobenc.train.loop import (
 )
 
 logger = logging.getLogger(__name__)
-RUN_FORMAT = "blobenc.run"
 
 
 class TrainingError(BlobencError):
@@ -411,32 +411,3 @@ def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, T
     if len(trials) > 1:
         write_json(out / "sweep.json", {"trials": rows, "best": rows[0]["dir"]})
     return summary, best_trial, best_dir
-
-
-def resolve_run(run: Path | str) -> Path:
-    """The trial folder a run or sweep directory stands for (the best trial of a sweep)."""
-    run = Path(run)
-    if (run / "sweep.json").is_file():
-        return run / read_json(run / "sweep.json")["best"]
-    if not (run / "model.json").is_file():
-        raise ConfigError(f"{run}: not a blobenc run (no model.json or sweep.json)")
-    return run
-
-
-def load_model(run: Path | str, which: str = "best") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained head from its run folder alone: model.json + <which>.safetensors."""
-    tdir = resolve_run(run)
-    spec = read_json(tdir / "model.json")
-    if spec.get("finetuned"):  # trunk + head in one state dict
-        from blobenc.train.finetune import build_encoder
-
-        model = build_encoder(spec)
-    else:
-        model = create_head(spec["head"], **spec["kwargs"])
-    model.load_state_dict(load_weights(tdir / f"{which}.safetensors"))
-    return model.eval(), spec
-
-
-def group_of(spec: dict) -> GroupSpace:
-    g = spec["group"]
-    return GroupSpace({h: np.asarray(g[h]["fsaverage_index"]) for h in g}, {h: g[h]["fsaverage_size"] for h in g})
