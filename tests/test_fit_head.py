@@ -219,6 +219,12 @@ def test_fit_head_cli_positive_r2_and_predict(small_cache, train_data, tmp_path)
     for name in ("best.safetensors", "last.safetensors", "model.json", "config.yaml", "split.json", "pca.safetensors"):
         assert (run / name).is_file()
     assert not any(p.suffix in (".pt", ".pth", ".pkl") for p in run.iterdir())
+    vertex = load_file(run / "val_vertex.safetensors")  # per-vertex validation scores, native order
+    ds = AlgonautsDataset(train_data)
+    for name, s in ds.subjects.items():
+        assert vertex[f"{name}.r"].shape == vertex[f"{name}.r2"].shape == (s.n_vertices_total,)
+        got = vertex[f"{name}.r2"].double().median().item()
+        assert got == pytest.approx(summary["val"]["subjects"][name]["median_r2"], abs=1e-5)
 
     pred = tmp_path / "pred"
     res = runner.invoke(

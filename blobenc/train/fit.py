@@ -22,6 +22,7 @@ from blobenc.heads import create_head
 from blobenc.pca import GroupPCA
 from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
+from blobenc.scoring import pearson_r, r2_score
 from blobenc.train.checkpoint import (
     RUN_FORMAT,
     load_optimizer_state,
@@ -93,21 +94,30 @@ def _val_predictions(trials: list[Trial], data, batch_size: int, device, amp) ->
     return result
 
 
-def val_rois(trial: Trial, data, batch_size: int, device, amp) -> dict:
-    """Validation R² per ROI and hemisphere (each vertex's R² pooled over subjects, as the headline
-    median), averaged over the subjects' ROI masks: the table fit-head ends with."""
+def val_tables(trial: Trial, data, batch_size: int, device, amp) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The best trial's validation, beyond the headline: R² per ROI and hemisphere (each vertex's R²
+    pooled over subjects, as the headline median, averaged over the subjects' ROI masks), and per
+    subject its own Pearson r and R² at each of its native vertices (`<subject>.r`, `<subject>.r2`),
+    which `val_vertex.safetensors` keeps for maps."""
     from blobenc.predictions import mean_rois, roi_means
 
     [pred] = _val_predictions([trial], data, batch_size, device, amp)
     observed = data.observed("val")
     r2 = pooled_r2(pred, data.val_target, observed)
-    tables = []
-    for name in data.subjects:
+    tables, vertex = [], {}
+    subject_of = data.sets["val"].subject
+    for i, name in enumerate(data.subjects):
         subject = data.dataset.subjects[name]
-        native = r2[data.group_index[name]]
+        cols = data.group_index[name]
+        native = r2[cols]
         n_lh = subject.n_vertices["lh"]
         tables.append(roi_means(subject, {"lh": native[:n_lh], "rh": native[n_lh:]}))
-    return mean_rois(tables)
+        rows = subject_of == i
+        if rows.sum() >= 2:
+            p, t = pred[rows][:, cols], data.val_target[rows][:, cols]
+            vertex[f"{name}.r"] = torch.from_numpy(pearson_r(p, t).astype(np.float32))
+            vertex[f"{name}.r2"] = torch.from_numpy(r2_score(p, t).astype(np.float32))
+    return mean_rois(tables), vertex
 
 
 def _evaluate(trials: list[Trial], data, batch_size: int, device, amp) -> list[dict]:
@@ -296,7 +306,8 @@ def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool,
         return None
     summary, best_trial, best_dir = _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
     best_trial.model.load_state_dict(load_weights(best_dir / "best.safetensors"))
-    summary["val_rois"] = val_rois(best_trial, data, base.batch_size, device, amp)
+    summary["val_rois"], vertex = val_tables(best_trial, data, base.batch_size, device, amp)
+    save_weights(out / "val_vertex.safetensors", vertex, {"trial": summary["trial"]})
     write_json(out / "summary.json", summary)
     return summary
 
