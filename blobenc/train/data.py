@@ -14,7 +14,7 @@ import torch
 
 from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
 from blobenc.errors import CacheError, ConfigError
-from blobenc.features.cache import FeatureCache, chunk_ranges
+from blobenc.features.cache import FeatureCache
 from blobenc.progress import track
 from blobenc.train.loop import EmbeddedTargets, epoch_batches, observed_mask
 
@@ -137,14 +137,12 @@ class CachedFeatures:
         self.layers, self.views = layers, cache.attrs["views"]
         rows = np.asarray(rows)
         self.tables: list[torch.Tensor] = []
-        ranges = chunk_ranges(len(cache.keys), cache.attrs["chunk_images"])
         for layer in layers:
             arr = cache.array(layer)
             out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
-            for start, stop in track(ranges, f"reading {layer}", progress):
-                sel = np.flatnonzero((rows >= start) & (rows < stop))
-                if len(sel):
-                    out[sel] = arr[start:stop][rows[sel] - start]
+            n_chunks = len(np.unique(rows // cache.attrs["chunk_images"]))
+            for positions, block in track(cache.read_rows(layer, rows), f"reading {layer}", progress, n_chunks):
+                out[positions] = block
             self.tables.append(torch.from_numpy(out).to(device))
 
     @property
