@@ -1,6 +1,8 @@
 """blobenc: image-computable fMRI encoding models on cached timm features."""
 
-from blobenc.data.algonauts import AlgonautsDataset, GroupSpace, ImageIndex, Subject, ValidationSplit
+from blobenc.data.algonauts import AlgonautsDataset
+from blobenc.data.base import Dataset, GroupSpace, ImageIndex, Subject, ValidationSplit, open_dataset
+from blobenc.data.generic import GenericDataset, write_generic
 from blobenc.data.synth import SynthConfig, write_synthetic
 from blobenc.errors import BlobencError, CacheError, ConfigError, DataError, ModelError, PredictionError
 from blobenc.predictions import evaluate, submit
@@ -13,6 +15,8 @@ __all__ = [
     "CacheError",
     "ConfigError",
     "DataError",
+    "Dataset",
+    "GenericDataset",
     "GroupSpace",
     "ImageIndex",
     "ModelError",
@@ -21,6 +25,8 @@ __all__ = [
     "SynthConfig",
     "ValidationSplit",
     "evaluate",
+    "open_dataset",
     "submit",
+    "write_generic",
     "write_synthetic",
 ]

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from sklearn.decomposition import PCA
 
-from blobenc.data.algonauts import HEMIS, GroupSpace
+from blobenc.data.base import HEMIS, GroupSpace
 from blobenc.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -133,9 +133,9 @@ class GroupPCA:
             "explained_variance_ratio": self.explained_variance_ratio_,
         }
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
-        for hemi in HEMIS:
-            tensors[f"{hemi}_fsaverage_index"] = self.group.fsaverage_index[hemi].astype(np.int64)
-        meta = {"format": "blobenc.group_pca", "version": "1", "fsaverage_size": json.dumps(self.group.fsaverage_size)}
+        tensors["index"] = np.ascontiguousarray(self.group.index, dtype=np.int64)
+        space = {"size": int(self.group.size), "surface": self.group.surface}
+        meta = {"format": "blobenc.group_pca", "version": "2", "space": json.dumps(space)}
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -157,8 +157,12 @@ class GroupPCA:
         pca.components_, pca.mean_ = tensors["components"], tensors["mean"]
         pca.explained_variance_ = tensors["explained_variance"]
         pca.explained_variance_ratio_ = tensors["explained_variance_ratio"]
-        pca.group = GroupSpace(
-            {h: tensors[f"{h}_fsaverage_index"] for h in HEMIS},
-            {h: int(s) for h, s in json.loads(meta["fsaverage_size"]).items()},
-        )
+        if "index" in tensors:
+            space = json.loads(meta["space"])
+            pca.group = GroupSpace(tensors["index"].astype(np.int64), int(space["size"]), space.get("surface"))
+        else:  # version 1: per-hemisphere fsaverage indices
+            pca.group = GroupSpace.from_hemispheres(
+                {h: tensors[f"{h}_fsaverage_index"] for h in HEMIS},
+                {h: int(s) for h, s in json.loads(meta["fsaverage_size"]).items()},
+            )
         return pca

@@ -9,13 +9,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from blobenc.data.algonauts import AlgonautsDataset
+from blobenc.data.base import open_dataset, verify_images
 from blobenc.errors import CacheError, ConfigError, ModelError
-from blobenc.predictions import score_subject, write_predictions
+from blobenc.predictions import score_subject
 from blobenc.progress import track
 from blobenc.run import group_of, load_model
 from blobenc.runtime import autocast, resolve_device, resolve_precision
-from blobenc.train.data import nsd_keys
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,7 @@ class FeatureSource:
             cache = FeatureCache.open(path)
             if cache.attrs["weights_fingerprint"] != spec["features"]["weights_fingerprint"]:
                 raise CacheError(f"{path}: made with other trunk weights than the run was trained on")
+            check_cache_fits(cache, spec)
             self.cache = cache
         self._trunk = None
 
@@ -132,10 +132,8 @@ def predict(
 
         image_keys, image_paths = list_images(Path(images))
         split = "images"
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "images.txt").write_text("\n".join(image_keys) + "\n")
     model, spec = load_model(run)
-    dataset = AlgonautsDataset(data_root)
+    dataset = open_dataset(data_root)
     if spec.get("group") is not None:
         if not group_of(spec).same_as(dataset.group):
             raise ConfigError(f"{data_root}: its group vertex space differs from the one the run was trained in")
@@ -149,6 +147,8 @@ def predict(
             raise ConfigError(f"--subject {name}: the run was trained on {', '.join(spec['subjects'])}")
         if name not in dataset.subjects:
             raise ConfigError(f"--subject {name}: not in {data_root}")
+        if images is None and not dataset.subjects[name].keys.get(split):
+            raise ConfigError(f"--subject {name}: no {split} rows in {data_root}")
     dev = resolve_device(device)
     amp = resolve_precision(precision, dev)
     model.to(dev)
@@ -165,25 +165,93 @@ def predict(
             return [_images(paths, spec["features"]["preprocessing"])]
         return source.features(keys, paths, batch_size)
 
+    # every image the trunk will read opens, before any prediction is made
+    wanted = (
+        dict(zip(image_keys, image_paths, strict=True))
+        if images is not None
+        else {
+            k: p
+            for n in names
+            for k, p in zip(dataset.subjects[n].keys[split], dataset.subjects[n].images[split], strict=True)
+        }
+    )
+    verify_images([p for k, p in wanted.items() if finetuned or source.cache is None or k not in source.cache.row_of])
+
     shared = inputs(image_keys, image_paths) if images is not None else None  # the same for every subject
     scores = {}
-    for name in track(names, "predicting", progress):
-        subject = dataset.subjects[name]
-        feats = shared or inputs(nsd_keys(subject.nsd_ids[split]), list(subject.images[split]))
-        idx = torch.full((batch_size,), spec["subjects"].index(name), device=dev)
-        preds = []
-        with torch.no_grad():
-            for start in range(0, len(feats[0]), batch_size):
-                chunk = [f[start : start + batch_size].to(dev).float() for f in feats]
-                with autocast(dev, amp):
-                    preds.append(model(chunk, idx[: len(chunk[0])]).float().cpu())
-        group_pred = torch.cat(preds).numpy()
-        native = group_pred[:, dataset.group_index(name)]
-        write_predictions(Path(out), subject, native, split)
-        if split == "test" and subject.has_fmri(split):
-            n_lh = subject.n_vertices["lh"]
-            scores[name] = score_subject(subject, {"lh": native[:, :n_lh], "rh": native[:, n_lh:]}, split)
+    staging = PredictionStaging(Path(out))
+    with staging:
+        for name in track(names, "predicting", progress):
+            subject = dataset.subjects[name]
+            feats = shared or inputs(list(subject.keys[split]), list(subject.images[split]))
+            if spec.get("kind") == "ridge":  # one model per subject, in its own vertex space
+                native = model.predict_subject(name, feats, source.cache)
+            else:
+                native = _group_predictions(model, feats, spec["subjects"].index(name), batch_size, dev, amp)
+                native = native[:, dataset.group_index(name)]
+            dataset.write_predictions(staging.path, name, native, split, image_keys if images is not None else None)
+            if split == "test" and subject.has_responses(split):
+                scores[name] = score_subject(subject, native, split)
+        if images is not None:
+            (staging.path / "images.txt").write_text("\n".join(image_keys) + "\n")
     return scores
+
+
+class PredictionStaging:
+    """Predictions are written to a hidden folder inside OUT and moved into place only when every
+    subject is done: an error part-way leaves OUT as it was."""
+
+    def __init__(self, out: Path):
+        import uuid
+
+        self.out = out
+        self.path = out / f".predict-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> PredictionStaging:
+        self.path.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        try:
+            if exc_type is None:
+                for src in sorted(self.path.rglob("*")):
+                    if src.is_file():
+                        dst = self.out / src.relative_to(self.path)
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        src.replace(dst)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def check_cache_fits(cache, spec: dict) -> None:
+    """The run's layers, pooling, preprocessing and layer shapes are what the cache holds."""
+    feats = spec["features"]
+    missing = [n for n in spec["layers"] if n not in cache.layers]
+    if missing:
+        raise CacheError(f"{cache.path}: no layer {missing[0]!r}; the run needs {', '.join(spec['layers'])}")
+    for key in ("pool", "preprocessing", "num_prefix_tokens"):
+        if cache.attrs.get(key) != feats.get(key):
+            raise CacheError(
+                f"{cache.path}: {key} is {cache.attrs.get(key)!r}, the run was trained with {feats.get(key)!r}"
+            )
+    for name in spec["layers"]:
+        have, want = list(cache.attrs["layer_shapes"][name]), list(feats["layer_shapes"][name])
+        if have != want:
+            raise CacheError(f"{cache.path}: layer {name} has shape {have}, the run was trained on {want}")
+
+
+@torch.no_grad()
+def _group_predictions(model, feats: list[torch.Tensor], subject: int, batch_size: int, dev, amp) -> np.ndarray:
+    """(n, group vertices) predictions of a head (or finetuned encoder) for one subject, by batches."""
+    idx = torch.full((batch_size,), subject, device=dev)
+    preds = []
+    for start in range(0, len(feats[0]), batch_size):
+        chunk = [f[start : start + batch_size].to(dev).float() for f in feats]
+        with autocast(dev, amp):
+            preds.append(model(chunk, idx[: len(chunk[0])]).float().cpu())
+    return torch.cat(preds).numpy()
 
 
 def _images(paths: list[Path], prep: dict) -> torch.Tensor:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from blobenc.data.algonauts import GroupSpace
+from blobenc.data.base import GroupSpace
 from blobenc.heads import create_head
 from blobenc.train.checkpoint import load_weights, read_json, resolve_run
 from blobenc.train.finetune import build_encoder
@@ -27,5 +26,5 @@ def load_model(run: Path | str, which: str = "best") -> tuple[torch.nn.Module, d
 
 
 def group_of(spec: dict) -> GroupSpace:
-    g = spec["group"]
-    return GroupSpace({h: np.asarray(g[h]["fsaverage_index"]) for h in g}, {h: g[h]["fsaverage_size"] for h in g})
+    """The group space a run's model predicts in (model.json `group`, either form)."""
+    return GroupSpace.from_dict(spec["group"])

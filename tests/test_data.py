@@ -1,9 +1,10 @@
+import json
 import pickle
 
 import numpy as np
 import pytest
 
-from blobenc import AlgonautsDataset, DataError, ValidationSplit
+from blobenc import AlgonautsDataset, DataError, ValidationSplit, open_dataset
 from blobenc.data._io import load_label_mapping
 
 REAL_COUNTS = {"subj06": (18978, 20220), "subj08": (18981, 20530)}
@@ -20,10 +21,36 @@ def test_reader_full_vertex_counts(full_data):
         assert s.fmri("test", "rh").shape == (3, rh)
         assert s.fmri("train", "lh").dtype == np.float32
     assert ds.group.n_vertices == 39548
-    for name in ("subj06", "subj08"):  # subsets of the group: strictly fewer, all inside
-        idx = ds.group_index(name)
-        assert len(idx) == sum(REAL_COUNTS[name]) and len(np.unique(idx)) == len(idx)
-        assert idx.max() < 39548
+    assert ds.group.size == 2 * 163842 and ds.group.surface == "fsaverage"
+
+
+@pytest.mark.parametrize("name", ["subj06", "subj08"])
+def test_group_round_trip_real_counts(full_data, name):
+    """Native -> group -> native for the subjects with fewer vertices, at the real counts: every
+    native vertex lands on its own fsaverage vertex, and exactly the group vertices outside the
+    subject's masks stay missing."""
+    ds = AlgonautsDataset(full_data)
+    s = ds.subjects[name]
+    idx = ds.group_index(name)
+    lh, rh = REAL_COUNTS[name]
+    assert len(idx) == lh + rh and np.all(np.diff(idx) > 0)
+    # group column -> fsaverage vertex, from the masks themselves (lh ids first, rh after 163842)
+    fs_lh, fs_rh = (np.flatnonzero(s.fsaverage_masks[h]) for h in ("lh", "rh"))
+    np.testing.assert_array_equal(ds.group.index[idx], np.concatenate([fs_lh, fs_rh + 163842]))
+    np.testing.assert_array_equal(ds.group.fsaverage_index["lh"][idx[:lh]], fs_lh)
+    np.testing.assert_array_equal(ds.group.fsaverage_index["rh"][idx[lh:] - len(ds.group.fsaverage_index["lh"])], fs_rh)
+    native = s.fmri_native("train")
+    group = np.full((len(native), ds.group.n_vertices), np.nan, dtype=np.float32)
+    group[:, idx] = native
+    np.testing.assert_array_equal(group[:, idx], native)  # back to native, bit for bit
+    missing = np.isnan(group[0])
+    assert missing.sum() == 39548 - (lh + rh) > 0
+    union = np.zeros(39548, bool)  # the missing vertices are the group's minus the subject's
+    union[idx] = True
+    np.testing.assert_array_equal(missing, ~union)
+    # and every missing vertex belongs to some other subject
+    others = np.concatenate([ds.group_index(n) for n in ds.subjects if n != name])
+    assert np.isin(np.flatnonzero(missing), others).all()
 
 
 def test_images_sorted_with_nsd_ids(small_data):
@@ -31,6 +58,7 @@ def test_images_sorted_with_nsd_ids(small_data):
     names = [p.name for p in s.images["train"]]
     assert names == sorted(names) and names[0].startswith("train-0001_nsd-")
     assert [int(n.split("nsd-")[1][:5]) for n in names] == s.nsd_ids["train"].tolist()
+    assert list(s.keys["train"]) == [f"nsd-{i:05d}" for i in s.nsd_ids["train"].tolist()]
 
 
 def test_group_round_trip(small_data):
@@ -52,19 +80,19 @@ def test_group_round_trip(small_data):
 def test_unique_images_and_shared(small_data):
     ds = AlgonautsDataset(small_data)
     index = ds.unique_images()
-    assert len(set(index.nsd_ids.tolist())) == len(index)
-    all_ids = {i for s in ds.subjects.values() for split in ("train", "test") for i in s.nsd_ids[split].tolist()}
-    assert set(index.nsd_ids.tolist()) == all_ids
+    assert len(set(index.keys)) == len(index) and index.keys == sorted(index.keys)
+    all_keys = {k for s in ds.subjects.values() for split in ("train", "test") for k in s.keys[split]}
+    assert set(index.keys) == all_keys
     # NSD-like: some training images appear for several subjects
-    shared = set(ds.subjects["subj01"].nsd_ids["train"]) & set(ds.subjects["subj02"].nsd_ids["train"])
+    shared = set(ds.subjects["subj01"].keys["train"]) & set(ds.subjects["subj02"].keys["train"])
     assert shared
 
 
 def test_validation_split_is_by_image(small_data, tmp_path):
     ds = AlgonautsDataset(small_data)
     split = ds.validation_split(0.25, seed=3)
-    assert split.val_ids.tolist() == ds.validation_split(0.25, seed=3).val_ids.tolist()
-    assert split.val_ids.tolist() != ds.validation_split(0.25, seed=4).val_ids.tolist()
+    assert split.val_keys.tolist() == ds.validation_split(0.25, seed=3).val_keys.tolist()
+    assert split.val_keys.tolist() != ds.validation_split(0.25, seed=4).val_keys.tolist()
     train_ids, val_ids = set(), set()
     for s in ds.subjects.values():
         tr, va = split.rows(s)
@@ -73,7 +101,38 @@ def test_validation_split_is_by_image(small_data, tmp_path):
         val_ids |= set(s.nsd_ids["train"][va].tolist())
     assert val_ids and not (train_ids & val_ids)
     split.save(tmp_path / "split.json")
-    assert ValidationSplit.load(tmp_path / "split.json").val_ids.tolist() == split.val_ids.tolist()
+    assert ValidationSplit.load(tmp_path / "split.json").val_keys.tolist() == split.val_keys.tolist()
+
+
+def test_validation_split_files_of_nsd_ids_still_load(small_data, tmp_path):
+    """split.json written before image keys held NSD ids: they load as the same split."""
+    ds = AlgonautsDataset(small_data)
+    split = ds.validation_split(0.25, seed=3)
+    ids = [int(k.removeprefix("nsd-")) for k in split.val_keys]
+    (tmp_path / "old.json").write_text(json.dumps({"seed": 3, "fraction": 0.25, "val_ids": ids}))
+    old = ValidationSplit.load(tmp_path / "old.json")
+    for s in ds.subjects.values():
+        for a, b in zip(old.rows(s), split.rows(s), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_open_dataset_detects_the_layout(small_data, tmp_path):
+    assert isinstance(open_dataset(small_data), AlgonautsDataset)
+    assert open_dataset(small_data).layout == "algonauts"
+    (tmp_path / "neither").mkdir()
+    with pytest.raises(DataError, match="neither layout"):
+        open_dataset(tmp_path / "neither")
+    with pytest.raises(DataError, match="subject 'subj01' is given twice"):
+        open_dataset(small_data, subjects=["subj01", "subj01"])
+
+
+def test_rois_cover_both_hemispheres(small_data):
+    s = AlgonautsDataset(small_data).subjects["subj03"]
+    labels, names = s.rois()["prf-visualrois"]
+    lh, _ = s.roi_labels("prf-visualrois", "lh")
+    rh, _ = s.roi_labels("prf-visualrois", "rh")
+    np.testing.assert_array_equal(labels, np.concatenate([lh, rh]))
+    assert names[1] == "V1v" and s.parts["lh"].sum() == len(lh)
 
 
 def test_roi_labels_and_mapping(small_data):

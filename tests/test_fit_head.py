@@ -615,7 +615,7 @@ def test_reuse_pca_file(small_cache, train_data, tmp_path):
     pca = GroupPCA(3).fit(np.random.default_rng(0).normal(size=(10, 7)).astype(np.float32))
     from blobenc.data.algonauts import GroupSpace
 
-    pca.group = GroupSpace({"lh": np.arange(3), "rh": np.arange(4)}, {"lh": 10, "rh": 10})
+    pca.group = GroupSpace.from_hemispheres({"lh": np.arange(3), "rh": np.arange(4)}, {"lh": 10, "rh": 10})
     pca.save(other)
     res = runner.invoke(
         app,

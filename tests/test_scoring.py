@@ -33,3 +33,24 @@ def test_noise_normalized_by_hand():
     # zero ceiling -> 1e-14 -> 100; 0.01/0.01*100 = 100
     np.testing.assert_allclose(noise_normalized_accuracy(r, nc), [50, 0, 100, 100, 100])
     assert noise_normalized_accuracy(np.array([0.0]), np.array([0.0]))[0] == pytest.approx(0)
+
+
+def test_pooled_r2_by_hand():
+    """Each group vertex's R² pools every validation sample whose subject has it; a vertex a
+    subject lacks ignores that subject's rows, whatever they hold."""
+    from blobenc.train.loop import observed_mask, pooled_r2, validation_scores
+
+    subject = np.array([0, 0, 1, 1])
+    group_index = {"a": np.array([0, 1, 2]), "b": np.array([0, 1])}  # b lacks vertex 2
+    target = np.array([[1.0, 2, 5], [3, 2, 7], [2, 6, 0], [4, 4, 0]])
+    pred = np.array([[1.5, 2, 6], [2.5, 3, 6], [2, 5, -50], [4, 5, 100]])
+    observed = observed_mask(subject, ["a", "b"], group_index, 3)
+    # vertex 0: mean 2.5, SST 2.25+0.25+0.25+2.25 = 5, SSE 0.25+0.25 = 0.5 -> 0.9
+    # vertex 1: mean 3.5, SST 2.25+2.25+6.25+0.25 = 11, SSE 0+1+1+1 = 3 -> 8/11
+    # vertex 2: subject a's rows only: mean 6, SST 1+1 = 2, SSE 1+1 = 2 -> 0
+    np.testing.assert_allclose(pooled_r2(pred, target, observed), [0.9, 8 / 11, 0.0])
+    scores = validation_scores(pred, target, subject, ["a", "b"], group_index, 3)
+    assert scores["median_r2"] == pytest.approx(8 / 11)
+    one = observed.copy()
+    one[1, 2] = False  # a vertex seen in one sample has no R²
+    assert np.isnan(pooled_r2(pred, target, one)[2])

@@ -12,14 +12,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from blobenc.errors import BlobencError
 
 console = Console()
 err_console = Console(stderr=True)
 
-DataOpt = Annotated[Path, typer.Option("--data", help="Dataset root (Algonauts 2023 layout: ROOT/subjNN/...).")]
-DataArg = Annotated[Path, typer.Argument(help="Dataset root (Algonauts 2023 layout: ROOT/subjNN/...).")]
+_DATA_HELP = "Dataset root: Algonauts 2023 layout (ROOT/subjNN/...) or generic layout (ROOT/dataset.yaml)."
+DataOpt = Annotated[Path, typer.Option("--data", help=_DATA_HELP)]
+DataArg = Annotated[Path, typer.Argument(help=_DATA_HELP)]
 CacheArg = Annotated[Path, typer.Argument(help="Feature cache (a Zarr v3 group written by `blobenc extract`).")]
 ModelOpt = Annotated[str, typer.Option("--model", help="Any timm model name.")]
 LayersOpt = Annotated[
@@ -51,7 +53,7 @@ def errors() -> Iterator[None]:
     try:
         yield
     except BlobencError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[x]" is text
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]; rerun the same command to resume where possible")

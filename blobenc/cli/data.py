@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from blobenc.cli._common import DataOpt, JsonOpt, QuietOpt, SeedOpt, console, errors, setup_logging, write_json
-from blobenc.data.algonauts import AlgonautsDataset
+from blobenc.data.base import Dataset, open_dataset
 from blobenc.data.synth import SynthConfig, write_synthetic
 from blobenc.predictions import evaluate, mean_rois, submit
 
@@ -21,40 +21,68 @@ def synth_command(
     test_images: Annotated[int, typer.Option(help="Test images (shared by all subjects).")] = SynthConfig.test_images,
     vertices: Annotated[str, typer.Option(help="'small' (fast) or 'full' (the real vertex counts).")] = "small",
     image_size: Annotated[int, typer.Option(help="Image side in pixels (real data: 425).")] = SynthConfig.image_size,
+    layout: Annotated[
+        str, typer.Option(help="'algonauts' (ROOT/subjNN/...) or 'generic' (dataset.yaml, one row per presentation).")
+    ] = "algonauts",
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write a synthetic dataset in the Algonauts 2023 layout from a known generative model."""
+    """Write a synthetic dataset (Algonauts 2023 or generic layout) from a known generative model."""
     setup_logging(quiet)
     with errors():
-        cfg = SynthConfig(subjects, train_images, test_images, vertices, image_size, seed)
+        cfg = SynthConfig(subjects, train_images, test_images, vertices, image_size, seed, layout)
         write_synthetic(out, cfg, progress=not quiet)
-        ds = AlgonautsDataset(out)
+        ds = open_dataset(out)
     if not quiet:
-        table = Table(title=f"synthetic dataset {out}")
-        for col in ("subject", "train images", "test images", "lh vertices", "rh vertices"):
-            table.add_column(col, justify="right")
-        for s in ds.subjects.values():
-            table.add_row(
-                s.name,
-                str(len(s.images["train"])),
-                str(len(s.images["test"])),
-                str(s.n_vertices["lh"]),
-                str(s.n_vertices["rh"]),
-            )
-        console.print(table)
-        console.print(f"group space: {ds.group.n_vertices} vertices, {len(ds.unique_images())} unique images")
+        console.print(dataset_table(ds, f"synthetic dataset {out}"))
+
+
+def dataset_table(ds: Dataset, title: str) -> Table:
+    """Subjects, rows, unique images and targets of a dataset of any layout."""
+    table = Table(title=title, caption=_group_caption(ds))
+    parts = [p for p in next(iter(ds.subjects.values())).parts if p != "all"]
+    columns = ["subject", "train rows", "train images", "test rows", "test responses", "targets", *parts]
+    columns += ["noise ceiling", "ROI groups"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("subject", "ROI groups") else "right")
+    for s in ds.subjects.values():
+        nc = s.noise_ceiling()
+        table.add_row(
+            s.name,
+            str(len(s.keys["train"])),
+            str(len(set(s.keys["train"]))),
+            str(len(s.keys.get("test", ()))),
+            "yes" if s.has_responses("test") else "-",
+            str(s.n_targets),
+            *(str(int(m.sum())) for p, m in s.parts.items() if p in parts),
+            f"mean {nc.mean():.3f}" if nc is not None else "-",
+            ", ".join(s.rois()) or "-",
+        )
+    return table
+
+
+def _group_caption(ds: Dataset) -> str:
+    surface = f", {ds.group.surface} surface" if ds.group.surface else ""
+    return (
+        f"{ds.layout} layout; group space: {ds.group.n_targets} of {ds.group.size} targets{surface}; "
+        f"{len(ds.unique_images())} unique images"
+    )
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def score_table(result: dict, title: str) -> Table:
+    """Per-subject scores; the noise-normalized columns show '-' where a subject has no ceiling."""
     table = Table(title=title)
-    for col in ("subject", "score (%)", "score, nc>0 (%)", "median r", "mean r", "median R²", "vertices"):
+    for col in ("subject", "score (%)", "score, nc>0 (%)", "median r", "mean r", "median R²", "targets"):
         table.add_column(col, justify="right")
     for name, s in result["subjects"].items():
         table.add_row(
             name,
-            f"{s['score']:.2f}",
-            f"{s['score_nonzero_nc']:.2f}",
+            _fmt(s["score"], ".2f"),
+            _fmt(s["score_nonzero_nc"], ".2f"),
             f"{s['median_r']:.3f}",
             f"{s['mean_r']:.3f}",
             f"{s['median_r2']:.3f}",
@@ -62,11 +90,11 @@ def score_table(result: dict, title: str) -> Table:
         )
     table.add_row(
         "[bold]mean",
-        f"[bold]{result['score']:.2f}",
-        f"[bold]{result['score_nonzero_nc']:.2f}",
+        f"[bold]{_fmt(result['score'], '.2f')}",
+        f"[bold]{_fmt(result['score_nonzero_nc'], '.2f')}",
         f"{result['median_r']:.3f}",
-        "",
-        "",
+        _fmt(result.get("mean_r"), ".3f"),
+        _fmt(result.get("median_r2"), ".3f"),
         "",
         end_section=True,
     )
@@ -74,34 +102,45 @@ def score_table(result: dict, title: str) -> Table:
 
 
 def roi_table(rois: dict, title: str = "score per ROI (%), mean over subjects", fmt: str = "{:.2f}") -> Table:
-    """{group: {roi: {lh, rh}}} as a table."""
+    """{group: {roi: {part: value}}} as a table: one column per part (lh, rh; or all)."""
     table = Table(title=title)
-    for col in ("group", "roi", "lh", "rh"):
-        table.add_column(col, justify="right" if col in ("lh", "rh") else "left")
+    parts = list(dict.fromkeys(p for entries in rois.values() for values in entries.values() for p in values))
+    for col in ("group", "roi", *parts):
+        table.add_column(col, justify="right" if col in parts else "left")
     for group, entries in rois.items():
-        for roi, hemis in entries.items():
-            table.add_row(group, roi, *(fmt.format(hemis[h]) if hemis[h] is not None else "-" for h in ("lh", "rh")))
+        for roi, values in entries.items():
+            table.add_row(group, roi, *(fmt.format(values[p]) if values.get(p) is not None else "-" for p in parts))
     return table
 
 
 def evaluate_command(
-    pred_dir: Annotated[Path, typer.Argument(help="Folder with subjNN/{lh,rh}_pred_test.npy.")],
+    pred_dir: Annotated[
+        Path, typer.Argument(help="Folder with subjNN/{lh,rh}_pred_test.npy (Algonauts) or <name>/pred_test.npy.")
+    ],
     data: DataOpt,
     json_out: JsonOpt = None,
     rois: Annotated[bool, typer.Option("--rois/--no-rois", help="Print the per-ROI table.")] = True,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score test predictions with the Algonauts 2023 devkit formula."""
+    """Score test predictions: the Algonauts 2023 devkit formula where noise ceilings exist, r and R² always."""
     setup_logging(quiet)
     with errors():
-        result = evaluate(pred_dir, AlgonautsDataset(data))
+        result = evaluate(pred_dir, open_dataset(data))
     write_json(json_out, result)
+    normalized = result["score"] is not None
     if quiet:
-        console.print(f"{result['score']:.4f}")
+        console.print(f"{result['score'] if normalized else result['median_r']:.4f}")
         return
     if rois:
-        console.print(roi_table(mean_rois([s["rois"] for s in result["subjects"].values()])))
-    console.print(score_table(result, f"noise-normalized accuracy of {pred_dir}"))
+        tables = [s["rois"] for s in result["subjects"].values() if s["rois_metric"] == "score"]
+        title = "score per ROI (%), mean over subjects"
+        if not tables:
+            tables, title = [s["rois"] for s in result["subjects"].values()], "Pearson r per ROI, mean over subjects"
+        rows = mean_rois(tables)
+        if rows:
+            console.print(roi_table(rows, title, "{:.2f}" if tables and normalized else "{:.3f}"))
+    title = f"noise-normalized accuracy of {pred_dir}" if normalized else f"scores of {pred_dir} (no noise ceilings)"
+    console.print(score_table(result, title))
 
 
 def submit_command(
@@ -113,6 +152,6 @@ def submit_command(
     """Check every subject's test predictions and zip them in the challenge layout."""
     setup_logging(quiet)
     with errors():
-        path = submit(pred_dir, AlgonautsDataset(data), out)
+        path = submit(pred_dir, open_dataset(data), out)
     if not quiet:
         console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from blobenc.cli._common import (
-    CacheArg,
     DeviceOpt,
     JsonOpt,
     LayersOpt,
@@ -24,7 +23,7 @@ from blobenc.cli._common import (
     setup_logging,
     write_json,
 )
-from blobenc.data.algonauts import AlgonautsDataset
+from blobenc.data.base import open_dataset
 from blobenc.defaults import DEFAULT_LAYERS, DEFAULT_MODEL
 from blobenc.errors import ConfigError
 
@@ -33,7 +32,7 @@ from blobenc.errors import ConfigError
 
 def extract_command(
     data: Annotated[
-        Path | None, typer.Argument(help="Dataset root (Algonauts layout); every unique image once.")
+        Path | None, typer.Argument(help="Dataset root (Algonauts or generic layout); every unique image once.")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="The feature cache to write (a Zarr v3 group).")] = Path("cache"),
     images: Annotated[Path | None, typer.Option("--images", help="Any folder of images, instead of DATA.")] = None,
@@ -65,11 +64,11 @@ def extract_command(
     setup_logging(quiet)
     with errors():
         if (data is None) == (images is None):
-            raise ConfigError("give either DATA (an Algonauts-layout root) or --images DIR, not both or neither")
+            raise ConfigError("give either DATA (a dataset root) or --images DIR, not both or neither")
         if images is not None:
             keys, paths = list_images(images)
         else:
-            index = AlgonautsDataset(data).unique_images()
+            index = open_dataset(data).unique_images()
             keys, paths = index.keys, list(index.paths)
         config = ExtractConfig(
             trunk=TrunkSpec(model, pretrained, str(weights) if weights else None, seed),
@@ -121,15 +120,56 @@ def info_table(info: dict, summary: dict | None = None) -> Table:
     return table
 
 
-def info_command(cache: CacheArg, json_out: JsonOpt = None, quiet: QuietOpt = False) -> None:
-    """Show what a feature cache holds: trunk, layers, shapes, progress, bytes on disk."""
-    from blobenc.features.cache import FeatureCache
+def info_command(
+    cache: Annotated[Path, typer.Argument(help="A feature cache, or a dataset root (either layout).")],
+    json_out: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show what a feature cache holds (trunk, layers, shapes, progress, bytes on disk), or a
+    dataset's subjects, rows, targets, ceilings and ROIs (any layout, checked as it opens)."""
+    from blobenc.features.cache import FeatureCache, is_cache
 
     with errors():
+        if not is_cache(cache) and _looks_like_dataset(cache):
+            from blobenc.cli.data import dataset_table
+
+            ds = open_dataset(cache)
+            write_json(json_out, dataset_info(ds))
+            if not quiet:
+                console.print(dataset_table(ds, f"{ds.layout} dataset {ds.root} ({ds.name})"))
+            return
         info = FeatureCache.open(cache, allow_incomplete=True).info()
     write_json(json_out, info)
     if not quiet:
         console.print(info_table(info))
+
+
+def _looks_like_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset.yaml").is_file() or any(p.is_dir() and p.name.startswith("subj") for p in path.iterdir())
+    )
+
+
+def dataset_info(ds) -> dict:
+    """What `info --json` says of a dataset."""
+    return {
+        "path": str(ds.root),
+        "layout": ds.layout,
+        "name": ds.name,
+        "group": {"targets": ds.group.n_targets, "size": ds.group.size, "surface": ds.group.surface},
+        "unique_images": len(ds.unique_images()),
+        "subjects": {
+            name: {
+                "train_rows": len(s.keys["train"]),
+                "test_rows": len(s.keys.get("test", ())),
+                "test_responses": s.has_responses("test"),
+                "targets": s.n_targets,
+                "noise_ceiling": s.noise_ceiling() is not None,
+                "rois": list(s.rois()),
+            }
+            for name, s in ds.subjects.items()
+        },
+    }
 
 
 def layers_command(

@@ -116,7 +116,10 @@ def parse_bytes(text: str | None) -> int | None:
 def predict_command(
     run: Annotated[Path, typer.Argument(help="A fit-head run (or sweep) folder.")],
     data: DataOpt,
-    out: Annotated[Path, typer.Option("--out", help="Folder for subjNN/{lh,rh}_pred_<split>.npy.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for subjNN/{lh,rh}_pred_<split>.npy (generic: <name>/pred_<split>.npy)."),
+    ],
     subject: Annotated[str, typer.Option("--subject", help="subjNN or 'all'.")] = "all",
     split: Annotated[str, typer.Option(help="test or train.")] = "test",
     cache: Annotated[Path | None, typer.Option(help="Feature cache (default: the one the run used).")] = None,
@@ -138,12 +141,9 @@ def predict_command(
             run, data, out, subject, split, cache, batch_size, device, precision, images=images, progress=not quiet
         )
     if scores:
-        result = {
-            "score": sum(s["score"] for s in scores.values()) / len(scores),
-            "score_nonzero_nc": sum(s["score_nonzero_nc"] for s in scores.values()) / len(scores),
-            "median_r": sum(s["median_r"] for s in scores.values()) / len(scores),
-            "subjects": scores,
-        }
+        from blobenc.predictions import summarize
+
+        result = summarize(scores)
         write_json(json_out, result)
         if not quiet:
             console.print(score_table(result, f"predictions in {out}"))

@@ -1,15 +1,19 @@
-"""Reader for the Algonauts 2023 challenge layout (see docs/data.md).
+"""Reader for the Algonauts 2023 challenge layout (see docs/data.md): one implementation of the
+`Dataset` protocol (blobenc.data.base).
 
 Subjects, image counts and vertex counts all come from the files. Each subject's
 *native* vertex order is its lh challenge vertices then its rh ones, as in the
-fMRI files; the *group* space is the union of all subjects' fsaverage masks in
-the same (lh then rh, fsaverage index) order.
+fMRI files. Its targets are fsaverage vertex ids with the left hemisphere first and
+the right after it (rh vertex v is id v + 163842), the generic layout's
+`surface: fsaverage` convention; the *group* space is the union of all subjects'
+fsaverage masks in that order. Hemispheres matter only where the files split them:
+the fMRI, the prediction files and the ROI tables.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,11 +21,22 @@ from pathlib import Path
 import numpy as np
 
 from blobenc.data._io import load_array, load_label_mapping
+from blobenc.data.base import (
+    FSAVERAGE,
+    HEMIS,
+    SPLITS,
+    DatasetBase,
+    GroupSpace,
+    ImageIndex,
+    ValidationSplit,
+    read_prediction_file,
+    write_array,
+)
 from blobenc.errors import DataError
 
-HEMIS = ("lh", "rh")
+__all__ = ["HEMIS", "ROI_GROUPS", "AlgonautsDataset", "AlgonautsSubject", "GroupSpace", "ImageIndex", "ValidationSplit"]
+
 ROI_GROUPS = ("prf-visualrois", "floc-bodies", "floc-faces", "floc-places", "floc-words", "streams")
-SPLITS = ("train", "test")
 _SUBJECT_RE = re.compile(r"^subj(\d\d)$")
 _IMAGE_RE = re.compile(r"^(train|test)-(\d+)_nsd-(\d+)\.png$")
 _IMAGE_DIRS = {"train": "training_split/training_images", "test": "test_split/test_images"}
@@ -29,6 +44,11 @@ _FMRI_FILES = {
     "train": "training_split/training_fmri/{hemi}_training_fmri.npy",
     "test": "test_split/test_fmri/{hemi}_test_fmri.npy",
 }
+
+
+def nsd_key(nsd_id: int) -> str:
+    """The image key of an NSD image: what the feature cache's rows are keyed by."""
+    return f"nsd-{nsd_id:05d}"
 
 
 def _scan_images(folder: Path, split: str) -> tuple[tuple[Path, ...], np.ndarray]:
@@ -49,7 +69,7 @@ def _scan_images(folder: Path, split: str) -> tuple[tuple[Path, ...], np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
-class Subject:
+class AlgonautsSubject:
     """One subject's files. fMRI arrays are memory-mapped and checked on access."""
 
     name: str
@@ -59,6 +79,11 @@ class Subject:
     fsaverage_masks: dict[str, np.ndarray]  # hemi -> bool over the fsaverage vertices
     _cache: dict = field(default_factory=dict, repr=False)
 
+    @cached_property
+    def keys(self) -> dict[str, tuple[str, ...]]:
+        """split -> image key of each row (`nsd-NNNNN`)."""
+        return {split: tuple(nsd_key(i) for i in ids.tolist()) for split, ids in self.nsd_ids.items()}
+
     @property
     def n_vertices(self) -> dict[str, int]:
         return {h: int(m.sum()) for h, m in self.fsaverage_masks.items()}
@@ -67,11 +92,29 @@ class Subject:
     def n_vertices_total(self) -> int:
         return sum(self.n_vertices.values())
 
+    @property
+    def n_targets(self) -> int:
+        return self.n_vertices_total
+
+    @cached_property
+    def targets(self) -> np.ndarray:
+        """fsaverage id of each native vertex: lh vertices, then rh ones offset by the lh size."""
+        lh, rh = (self.fsaverage_masks[h] for h in HEMIS)
+        return np.concatenate([np.flatnonzero(lh), np.flatnonzero(rh) + len(lh)]).astype(np.int64)
+
+    @property
+    def parts(self) -> dict[str, np.ndarray]:
+        n_lh = self.n_vertices["lh"]
+        lh = np.arange(self.n_vertices_total) < n_lh
+        return {"lh": lh, "rh": ~lh}
+
     def _fmri_path(self, split: str, hemi: str) -> Path:
         return self.path / _FMRI_FILES[split].format(hemi=hemi)
 
     def has_fmri(self, split: str) -> bool:
         return all(self._fmri_path(split, h).is_file() for h in HEMIS)
+
+    has_responses = has_fmri
 
     def fmri(self, split: str, hemi: str) -> np.ndarray:
         """(n_images, n_vertices_hemi) float32, memory-mapped; checked for shape and NaN once."""
@@ -88,8 +131,18 @@ class Subject:
         sel = slice(None) if rows is None else rows
         return np.concatenate([np.asarray(self.fmri(split, h)[sel], dtype=np.float32) for h in HEMIS], axis=1)
 
-    def noise_ceiling(self, hemi: str) -> np.ndarray | None:
-        """Noise ceiling per vertex as a fraction in [0, 1], or None when not shipped."""
+    responses = fmri_native
+
+    def weights(self, split: str) -> None:
+        """The challenge files carry no row weights."""
+        return None
+
+    def noise_ceiling(self, hemi: str | None = None) -> np.ndarray | None:
+        """Noise ceiling per vertex as a fraction in [0, 1] (of `hemi`, or of every native vertex),
+        or None when not shipped."""
+        if hemi is None:
+            parts = [self.noise_ceiling(h) for h in HEMIS]
+            return None if any(p is None for p in parts) else np.concatenate(parts)
         path = self.path / f"test_split/noise_ceiling/{hemi}_noise_ceiling.npy"
         if not path.is_file():
             return None
@@ -109,95 +162,36 @@ class Subject:
         labels = np.asarray(load_array(labels_path, shape=(self.n_vertices[hemi],))).astype(np.int64)
         return labels, load_label_mapping(mapping_path)
 
-
-@dataclass(frozen=True)
-class GroupSpace:
-    """The union of the subjects' fsaverage masks: the space the group model predicts in."""
-
-    fsaverage_index: dict[str, np.ndarray]  # hemi -> sorted fsaverage vertex indices
-    fsaverage_size: dict[str, int]  # hemi -> number of fsaverage vertices
-
-    @property
-    def n_vertices(self) -> int:
-        return sum(len(v) for v in self.fsaverage_index.values())
-
-    def index_of(self, masks: dict[str, np.ndarray]) -> np.ndarray:
-        """Group index of each native vertex (lh then rh) of a subject with these masks."""
-        parts, offset = [], 0
-        for hemi in HEMIS:
-            native = np.flatnonzero(masks[hemi])
-            pos = np.searchsorted(self.fsaverage_index[hemi], native)
-            if (pos >= len(self.fsaverage_index[hemi])).any() or not np.array_equal(
-                self.fsaverage_index[hemi][np.minimum(pos, len(self.fsaverage_index[hemi]) - 1)], native
-            ):
-                raise DataError(f"{hemi} mask has vertices outside the group space")
-            parts.append(pos + offset)
-            offset += len(self.fsaverage_index[hemi])
-        return np.concatenate(parts)
-
-    def to_dict(self) -> dict:
-        return {
-            h: {"fsaverage_size": self.fsaverage_size[h], "fsaverage_index": self.fsaverage_index[h].tolist()}
-            for h in HEMIS
-        }
-
-    def same_as(self, other: GroupSpace) -> bool:
-        return all(
-            self.fsaverage_size[h] == other.fsaverage_size[h]
-            and np.array_equal(self.fsaverage_index[h], other.fsaverage_index[h])
-            for h in HEMIS
-        )
+    def rois(self) -> dict[str, tuple[np.ndarray, dict[int, str]]]:
+        """ROI group -> (label per native vertex, names); a hemisphere without its file is label 0."""
+        out = {}
+        for group in ROI_GROUPS:
+            found = {h: self.roi_labels(group, h) for h in HEMIS}
+            if all(f is None for f in found.values()):
+                continue
+            names = next(f[1] for f in found.values() if f is not None)
+            labels = [f[0] if f is not None else np.zeros(self.n_vertices[h], np.int64) for h, f in found.items()]
+            out[group] = (np.concatenate(labels), names)
+        return out
 
 
-@dataclass(frozen=True)
-class ImageIndex:
-    """Every unique image of a dataset once, keyed by NSD id, in ascending id order."""
-
-    nsd_ids: np.ndarray
-    paths: tuple[Path, ...]
-
-    @property
-    def keys(self) -> list[str]:
-        return [f"nsd-{i:05d}" for i in self.nsd_ids]
-
-    def __len__(self) -> int:
-        return len(self.nsd_ids)
+Subject = AlgonautsSubject  # the name before the Dataset protocol
 
 
-@dataclass(frozen=True)
-class ValidationSplit:
-    """NSD ids held out for validation, for every subject at once."""
-
-    seed: int
-    fraction: float
-    val_ids: np.ndarray
-
-    def rows(self, subject: Subject, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-        """(train_rows, val_rows) of a subject's `split` images."""
-        is_val = np.isin(subject.nsd_ids[split], self.val_ids)
-        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"seed": self.seed, "fraction": self.fraction, "val_ids": self.val_ids.tolist()}))
-
-    @classmethod
-    def load(cls, path: Path) -> ValidationSplit:
-        try:
-            d = json.loads(path.read_text())
-            return cls(int(d["seed"]), float(d["fraction"]), np.asarray(d["val_ids"], dtype=np.int64))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}: not a validation split file ({e})") from None
-
-
-class AlgonautsDataset:
+class AlgonautsDataset(DatasetBase):
     """An Algonauts 2023 challenge folder: `ROOT/subjNN/...`.
 
     Opening checks the layout (folders, image names, masks, fMRI shapes); array
     contents are checked when first read.
     """
 
+    layout = "algonauts"
+    surface = FSAVERAGE
+    prediction_example = "subj01/lh_pred_test.npy"
+
     def __init__(self, root: Path | str, subjects: list[str] | None = None):
         self.root = Path(root)
+        self.name = self.root.name
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data folder not found")
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _SUBJECT_RE.match(p.name))
@@ -208,10 +202,10 @@ class AlgonautsDataset:
             if missing:
                 raise DataError(f"{self.root}: subject folder {missing[0]} not found; found {', '.join(found)}")
             found = [s for s in found if s in subjects]
-        self.subjects: dict[str, Subject] = {name: self._open_subject(self.root / name) for name in found}
+        self.subjects: dict[str, AlgonautsSubject] = {name: self._open_subject(self.root / name) for name in found}
 
     @staticmethod
-    def _open_subject(path: Path) -> Subject:
+    def _open_subject(path: Path) -> AlgonautsSubject:
         images, ids = {}, {}
         for split in SPLITS:
             images[split], ids[split] = _scan_images(path / _IMAGE_DIRS[split], split)
@@ -222,7 +216,7 @@ class AlgonautsDataset:
             if not np.isin(mask, (0, 1)).all():
                 raise DataError(f"{mpath}: expected a 0/1 mask over fsaverage vertices")
             masks[hemi] = mask.astype(bool)
-        subject = Subject(path.name, path, images, ids, masks)
+        subject = AlgonautsSubject(path.name, path, images, ids, masks)
         for split in SPLITS:
             if split == "train" or subject.has_fmri(split):
                 for hemi in HEMIS:  # shapes only: headers are cheap, contents are checked on read
@@ -230,12 +224,10 @@ class AlgonautsDataset:
                     load_array(p, shape=(len(images[split]), subject.n_vertices[hemi]))
         return subject
 
-    def __repr__(self) -> str:
-        return f"AlgonautsDataset({str(self.root)!r}, subjects={list(self.subjects)})"
-
     @cached_property
-    def group(self) -> GroupSpace:
-        sizes, index = {}, {}
+    def space_size(self) -> int:
+        """Both hemispheres' fsaverage vertices, from the masks' lengths."""
+        sizes = {}
         for hemi in HEMIS:
             lengths = {len(s.fsaverage_masks[hemi]) for s in self.subjects.values()}
             if len(lengths) != 1:
@@ -243,28 +235,41 @@ class AlgonautsDataset:
                     f"{self.root}: {hemi} fsaverage masks differ in length across subjects: {sorted(lengths)}"
                 )
             sizes[hemi] = lengths.pop()
-            union = np.logical_or.reduce([s.fsaverage_masks[hemi] for s in self.subjects.values()])
-            index[hemi] = np.flatnonzero(union)
-        return GroupSpace(index, sizes)
+        if sizes["lh"] != sizes["rh"]:
+            raise DataError(f"{self.root}: lh masks cover {sizes['lh']} fsaverage vertices, rh masks {sizes['rh']}")
+        return 2 * sizes["lh"]
 
-    def group_index(self, subject: str) -> np.ndarray:
-        """Group-space index of each of a subject's native vertices."""
-        return self.group.index_of(self.subjects[subject].fsaverage_masks)
+    def _is_subject_folder(self, name: str) -> bool:
+        return name.startswith("subj")
 
-    def unique_images(self, splits: tuple[str, ...] = SPLITS) -> ImageIndex:
-        first: dict[int, Path] = {}
-        for subject in self.subjects.values():
-            for split in splits:
-                for nsd, path in zip(subject.nsd_ids[split].tolist(), subject.images[split], strict=True):
-                    first.setdefault(nsd, path)
-        ids = np.asarray(sorted(first), dtype=np.int64)
-        return ImageIndex(ids, tuple(first[i] for i in ids.tolist()))
+    def _prediction_path(self, out: Path, subject: str, hemi: str, split: str) -> Path:
+        return Path(out) / subject / f"{hemi}_pred_{split}.npy"
 
-    def validation_split(self, fraction: float = 0.1, seed: int = 0) -> ValidationSplit:
-        """Hold out a `fraction` of the unique training images, across all subjects at once."""
-        if not 0 < fraction < 1:
-            raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
-        ids = self.unique_images(("train",)).nsd_ids
-        n_val = max(1, round(fraction * len(ids)))
-        rng = np.random.default_rng(seed)
-        return ValidationSplit(seed, fraction, np.sort(rng.choice(ids, size=n_val, replace=False)))
+    def write_predictions(
+        self, out: Path, subject: str, pred: np.ndarray, split: str = "test", keys: Sequence[str] | None = None
+    ) -> list[Path]:
+        """Split a (rows, n_vertices) native-order prediction into OUT/subjNN/{lh,rh}_pred_<split>.npy."""
+        s = self.subjects[subject]
+        folder = Path(out) / subject
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for hemi, mask in s.parts.items():
+            path = self._prediction_path(out, subject, hemi, split)
+            write_array(path, np.ascontiguousarray(pred[:, mask], dtype=np.float32))
+            paths.append(path)
+        return paths
+
+    def read_predictions(self, out: Path, subject: str, split: str = "test") -> np.ndarray:
+        """(rows, n_vertices) native-order predictions from the lh/rh files, each checked."""
+        s = self.subjects[subject]
+        return np.concatenate(
+            [
+                read_prediction_file(
+                    self._prediction_path(out, subject, hemi, split),
+                    (len(s.images[split]), s.n_vertices[hemi]),
+                    f"images x {hemi} vertices",
+                )
+                for hemi in HEMIS
+            ],
+            axis=1,
+        )

@@ -15,6 +15,10 @@ The model (docs/synthetic.md has the full description):
   the noise ceiling is computed from the test repeats as the NSD papers do.
 * Images: a pool shared by all subjects (as NSD's shared 1000) plus images
   unique to each subject; the test images are shared images.
+
+`layout="generic"` writes the same model in the generic layout (docs/data.md): one
+row per presentation (single-trial responses, images repeated across rows), one
+subject with fewer targets (targets.npy), noise ceilings of single trials.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from blobenc.data.algonauts import HEMIS, ROI_GROUPS
+from blobenc.data.generic import GENERIC_FORMAT
 from blobenc.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class SynthConfig:
     vertices: str = "small"
     image_size: int = 192
     seed: int = 0
+    layout: str = "algonauts"  # or "generic"
 
 
 def make_image(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -120,14 +126,16 @@ def _vertex_weights(rng: np.random.Generator, s: np.ndarray, hemi_phase: float) 
     return (tuning[:, :, None, None] * rf[:, None]).reshape(len(s), -1)
 
 
-def _noise_ceiling(repeats: np.ndarray) -> np.ndarray:
-    """NSD-style ceiling (a fraction) of the mean of the repeats: (n_images, n_reps, n_vertices) in."""
+def _noise_ceiling(repeats: np.ndarray, n_avg: int | None = None) -> np.ndarray:
+    """NSD-style ceiling (a fraction) of the mean of `n_avg` repeats (default: all of them):
+    (n_images, n_reps, n_vertices) in."""
     n_reps = repeats.shape[1]
+    n_avg = n_reps if n_avg is None else n_avg
     noise_var = repeats.var(axis=1, ddof=1).mean(0)
     total_var = repeats.reshape(-1, repeats.shape[2]).var(0)
     signal_var = np.maximum(total_var - noise_var, 0)
     ncsnr2 = signal_var / np.maximum(noise_var, 1e-12)
-    return (ncsnr2 / (ncsnr2 + 1 / n_reps)).astype(np.float32)
+    return (ncsnr2 / (ncsnr2 + 1 / n_avg)).astype(np.float32)
 
 
 def _masks(rng: np.random.Generator, n_subjects: int, spec: dict) -> tuple[dict, list[dict]]:
@@ -161,10 +169,13 @@ def _roi_labels(n: int) -> dict[str, np.ndarray]:
 
 
 def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, progress: bool = False) -> Path:
-    """Write a synthetic dataset in the Algonauts 2023 layout to `out` and return it."""
+    """Write a synthetic dataset in the Algonauts 2023 layout (or, with `config.layout="generic"`,
+    the generic layout) to `out` and return it."""
     from blobenc.progress import track  # lazy: rich is only needed when writing
 
     out = Path(out)
+    if config.layout not in ("algonauts", "generic"):
+        raise DataError(f"--layout must be 'algonauts' or 'generic', got {config.layout!r}")
     if config.vertices not in ("small", "full"):
         raise DataError(f"--vertices must be 'small' or 'full', got {config.vertices!r}")
     if not 1 <= config.subjects <= 99:
@@ -176,6 +187,8 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: folder exists and is not empty; choose a new folder")
     spec = _FULL if config.vertices == "full" else _SMALL
+    if config.layout == "generic":
+        return _write_generic(out, config, spec, progress)
     rng = np.random.default_rng(config.seed)
 
     # Image pools: a shared pool seen by every subject (train part + test part) and per-subject images.
@@ -258,3 +271,85 @@ def _link(src: Path, dst: Path) -> None:
         dst.hardlink_to(src)
     except OSError:  # filesystems without hard links
         dst.write_bytes(src.read_bytes())
+
+
+def _write_generic(out: Path, config: SynthConfig, spec: dict, progress: bool) -> Path:
+    """The generative model above in the generic layout: rows are single presentations."""
+    import csv
+    import json
+
+    import yaml
+
+    from blobenc.progress import track
+
+    rng = np.random.default_rng(config.seed)
+    names = [f"sub-{k:02d}" for k in range(1, config.subjects + 1)]
+    n_shared = config.train_images // 3
+    n_unique = config.train_images - n_shared
+    n_total = n_shared + config.test_images + config.subjects * n_unique
+    ids = rng.choice(73000, size=n_total, replace=False).tolist()
+    shared = [f"shared/img-{i:05d}.png" for i in ids[:n_shared]]
+    test = [f"test/img-{i:05d}.png" for i in ids[n_shared : n_shared + config.test_images]]
+    start = n_shared + config.test_images
+    unique = [
+        [f"{name}/img-{i:05d}.png" for i in ids[start + k * n_unique : start + (k + 1) * n_unique]]
+        for k, name in enumerate(names)
+    ]
+    features: dict[str, np.ndarray] = {}
+    all_keys = shared + test + [key for keys in unique for key in keys]  # in the order of `ids`
+    for key, i in track(list(zip(all_keys, ids, strict=True)), "rendering images", progress):
+        img = make_image(np.random.default_rng([config.seed, i]), config.image_size)
+        path = out / "images" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, compress_level=1)
+        features[key] = image_features(img).ravel()
+    all_feats = np.stack(list(features.values()))
+    feat_mean, feat_std = all_feats.mean(0), all_feats.std(0) + 1e-8
+
+    space = sum(spec["group"])
+    s = np.arange(space) / space
+    shared_w = _vertex_weights(rng, s, 0.0)
+    gain = np.clip(0.2 + 0.9 * _smooth(rng, s, 1)[:, 0] ** 2, 0, 1.5) * (rng.random(space) > 0.05)
+    roi_names = _ROI_NAMES["streams"]
+    rois = _roi_labels(space)["streams"]
+    meta = {"format": GENERIC_FORMAT, "name": f"blobenc synthetic (seed {config.seed})", "images": "images"}
+    meta["space"] = space
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+
+    for k, name in enumerate(track(names, "writing subjects", progress), start=1):
+        sdir = out / "subjects" / name
+        sdir.mkdir(parents=True)
+        srng = np.random.default_rng([config.seed, 2000 + k])
+        targets = np.arange(space)
+        if k == 2:  # one subject lacks some targets, as subjects 6 and 8 of NSD do
+            targets = np.sort(srng.choice(space, space - max(1, space // 12), replace=False))
+            np.save(sdir / "targets.npy", targets.astype(np.int64))
+        w = shared_w[targets] + 0.35 * _vertex_weights(srng, s[targets], 0.3 * k)
+        train_keys = shared + unique[k - 1]
+        # presentations: each training image 1 to 3 times, each test image N_REPEATS times; shuffled
+        train_rows = [key for key in train_keys for _ in range(int(srng.integers(1, 4)))]
+        train_rows = [train_rows[i] for i in srng.permutation(len(train_rows))]
+        test_rows = [key for key in test for _ in range(N_REPEATS)]
+        test_rows = [test_rows[i] for i in srng.permutation(len(test_rows))]
+        x = (np.stack([features[key] for key in train_keys + test]) - feat_mean) / feat_std
+        sig = x @ w.T
+        sig = (sig - sig.mean(0)) / (sig.std(0) + 1e-8) * gain[targets]
+        signal = dict(zip(train_keys + test, sig, strict=True))
+        for split, rows in (("train", train_rows), ("test", test_rows)):
+            y = (np.stack([signal[key] for key in rows]) + srng.normal(0, 1, (len(rows), len(targets)))).astype(
+                np.float32
+            )
+            np.save(sdir / f"{split}.npy", y)
+            with (sdir / f"{split}.csv").open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["image"])
+                writer.writerows([key] for key in rows)
+        # the ceiling of a single presentation, from the test rows grouped by image (N_REPEATS each)
+        order = np.argsort(np.asarray(test_rows), kind="stable")
+        repeats = y[order].reshape(len(test), N_REPEATS, len(targets)).astype(np.float64)
+        np.save(sdir / "noise_ceiling.npy", _noise_ceiling(repeats, n_avg=1))
+        np.save(sdir / "rois.npy", rois[targets])
+        (sdir / "rois.json").write_text(json.dumps({str(j + 1): n for j, n in enumerate(roi_names)}, indent=1))
+    logger.info("wrote %d subjects, %d unique images to %s (generic layout)", config.subjects, n_total, out)
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
+from blobenc.data.base import Dataset, ValidationSplit
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.progress import track
@@ -21,16 +21,12 @@ from blobenc.train.loop import EmbeddedTargets, epoch_batches, observed_mask
 logger = logging.getLogger(__name__)
 
 
-def nsd_keys(ids: np.ndarray) -> list[str]:
-    return [f"nsd-{i:05d}" for i in ids.tolist()]
-
-
 @dataclass
 class SampleSet:
     subject: np.ndarray  # (N,) subject index
-    nsd: np.ndarray  # (N,) NSD id of the image
+    key: np.ndarray  # (N,) image key (str)
     path: list[Path]  # (N,) image file
-    rows: list[tuple[int, np.ndarray]]  # (subject index, fMRI rows) blocks, in sample order
+    rows: list[tuple[int, np.ndarray]]  # (subject index, response rows) blocks, in sample order
     feature_row: np.ndarray | None = None  # (N,) row in the feature table (cache-backed data)
 
     def __len__(self) -> int:
@@ -42,7 +38,7 @@ class SplitTargets:
     the validation targets in group space for scoring, the training targets through the frozen
     embedding (`embed`) for the loss. What every training data source shares."""
 
-    def __init__(self, dataset: AlgonautsDataset, split: ValidationSplit, device: torch.device):
+    def __init__(self, dataset: Dataset, split: ValidationSplit, device: torch.device):
         self.dataset = dataset
         self.subjects = list(dataset.subjects)
         self.group = dataset.group
@@ -66,19 +62,22 @@ class SplitTargets:
         subjects = [self.dataset.subjects[self.subjects[i]] for i, _ in blocks]
         return SampleSet(
             subject=np.concatenate([np.full(len(rows), i) for i, rows in blocks]),
-            nsd=np.concatenate([s.nsd_ids["train"][rows] for s, (_, rows) in zip(subjects, blocks, strict=True)]),
+            key=np.asarray(
+                [s.keys["train"][r] for s, (_, rows) in zip(subjects, blocks, strict=True) for r in rows.tolist()],
+                dtype=str,
+            ),
             path=[s.images["train"][r] for s, (_, rows) in zip(subjects, blocks, strict=True) for r in rows.tolist()],
             rows=blocks,
         )
 
     def _native_blocks(self, part: str, block: int = 4096) -> Iterator[tuple[int, int, np.ndarray]]:
         """(subject index, first sample of the block, native responses) for blocks of at most
-        `block` samples, read row by row from the memory-mapped fMRI."""
+        `block` samples, read by rows from the responses on disk."""
         offset = 0
         for i, rows in self.sets[part].rows:
             subject = self.dataset.subjects[self.subjects[i]]
             for start in range(0, len(rows), block):
-                yield i, offset + start, subject.fmri_native("train", rows[start : start + block])
+                yield i, offset + start, subject.responses("train", rows[start : start + block])
             offset += len(rows)
 
     def group_targets(self, part: str) -> np.ndarray:
@@ -261,7 +260,7 @@ class HeadData(SplitTargets):
     def __init__(
         self,
         cache: FeatureCache,
-        dataset: AlgonautsDataset,
+        dataset: Dataset,
         split: ValidationSplit,
         layers: list[str] | None,
         device: torch.device,
@@ -275,7 +274,7 @@ class HeadData(SplitTargets):
             raise ConfigError(f"layer {missing[0]!r} is not in the cache; it has {', '.join(cache.layers)}")
         self.layers = list(layers or cache.layers)
         try:
-            rows = {part: cache.rows(nsd_keys(s.nsd)) for part, s in self.sets.items()}
+            rows = {part: cache.rows(s.key.tolist()) for part, s in self.sets.items()}
         except CacheError as e:
             raise CacheError(f"{e}: the cache was not extracted from this dataset ({dataset.root})") from None
         needed = np.unique(np.concatenate(list(rows.values())))

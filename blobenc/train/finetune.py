@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
-from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
-from blobenc.errors import ModelError
+from blobenc.data.base import Dataset, ValidationSplit, open_dataset, verify_images
+from blobenc.errors import DataError, ModelError
 from blobenc.features.extract import default_workers
 from blobenc.features.trunk import (
     LayerCapture,
@@ -86,9 +87,13 @@ def set_trainable(encoder: ImageEncoder, unfreeze: tuple[str, ...], freeze: tupl
     return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
 
 
-class _Images(Dataset):
-    def __init__(self, paths: list[Path], transform, seed: int, epoch: int):
+class _Images(TorchDataset):
+    """Item i: (image tensor, error message or ''). A file that cannot be decoded yields zeros and
+    its error, so the main process stops with one line instead of a worker traceback."""
+
+    def __init__(self, paths: list[Path], transform, seed: int, epoch: int, input_size):
         self.paths, self.transform, self.seed, self.epoch = paths, transform, seed, epoch
+        self.input_size = tuple(input_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,8 +103,11 @@ class _Images(Dataset):
 
         with torch.random.fork_rng(devices=[]):  # crops depend on (seed, epoch, sample) only: resumable
             torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
-            with Image.open(self.paths[i]) as im:
-                return self.transform(im.convert("RGB"))
+            try:
+                with Image.open(self.paths[i]) as im:
+                    return self.transform(im.convert("RGB")), ""
+            except (OSError, SyntaxError, ValueError) as e:
+                return torch.zeros(self.input_size), f"{self.paths[i]}: cannot read image ({e})"
 
 
 class ImageData(SplitTargets):
@@ -107,7 +115,7 @@ class ImageData(SplitTargets):
 
     def __init__(
         self,
-        dataset: AlgonautsDataset,
+        dataset: Dataset,
         split: ValidationSplit,
         prep: dict,
         config: FinetuneConfig,
@@ -118,10 +126,15 @@ class ImageData(SplitTargets):
         self.eval = eval_transform(prep)
         self.workers = default_workers() if config.num_workers is None else config.num_workers
         self.pin = device.type == "cuda"
+        self.input_size = prep["input_size"]
 
-    def _loader(self, part: str, transform, batches: list[np.ndarray], seed: int, epoch: int):
-        ds = _Images(self.sets[part].path, transform, seed, epoch)
-        return DataLoader(ds, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin)
+    def _loader(self, part: str, transform, batches: list[np.ndarray], seed: int, epoch: int) -> Iterator:
+        ds = _Images(self.sets[part].path, transform, seed, epoch, self.input_size)
+        for x, errs in DataLoader(ds, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin):
+            bad = [e for e in errs if e]
+            if bad:
+                raise DataError(f"{bad[0]}; the last finished epoch is kept: fix the file and rerun with --resume")
+            yield x
 
     def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
         batches = list(epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last))
@@ -148,10 +161,11 @@ def finetune(
     source = resolve_run(run)
     spec = read_json(source / "model.json")
     out = Path(out)
-    device, amp, distributed, main = start_run(out, [config], resume, config)
-    dataset = AlgonautsDataset(data_root)
+    dataset = open_dataset(data_root)
     if list(dataset.subjects) != spec["subjects"]:
         raise ModelError(f"{data_root}: subjects {list(dataset.subjects)} differ from the run's {spec['subjects']}")
+    verify_images([p for s in dataset.subjects.values() for p in s.images["train"]])  # before anything is written
+    device, amp, distributed, main = start_run(out, [config], resume, config)
     encoder = build_encoder(spec)
     encoder.head.load_state_dict(load_weights(source / "best.safetensors"))
     n_trainable = set_trainable(encoder, config.unfreeze, config.freeze)

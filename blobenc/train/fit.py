@@ -14,7 +14,7 @@ import yaml
 from rich.progress import TextColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from blobenc.data.algonauts import AlgonautsDataset, ValidationSplit
+from blobenc.data.base import ValidationSplit, open_dataset
 from blobenc.distributed import barrier, init_from_env, is_main, rank, world_size
 from blobenc.errors import BlobencError, ConfigError
 from blobenc.features.cache import FeatureCache
@@ -110,8 +110,7 @@ def val_tables(trial: Trial, data, batch_size: int, device, amp) -> tuple[dict, 
         subject = data.dataset.subjects[name]
         cols = data.group_index[name]
         native = r2[cols]
-        n_lh = subject.n_vertices["lh"]
-        tables.append(roi_means(subject, {"lh": native[:n_lh], "rh": native[n_lh:]}))
+        tables.append(roi_means(subject, native))
         rows = subject_of == i
         if rows.sum() >= 2:
             p, t = pred[rows][:, cols], data.val_target[rows][:, cols]
@@ -196,7 +195,7 @@ def fit_head(
     run_file = out / "run.json"
     device, amp, distributed, main = start_run(out, configs, resume, base)
     cache = FeatureCache.open(cache_path)
-    dataset = AlgonautsDataset(data_root)
+    dataset = open_dataset(data_root)
 
     split_file = out / "split.json"
     split = ValidationSplit.load(split_file) if resume else dataset.validation_split(base.val_fraction, base.seed)
