@@ -18,3 +18,11 @@ echo "phase 1 (head on cached features):"
 blobenc evaluate "$out/pred-phase1" --data "$out/data" --no-rois --json "$out/scores-phase1.json"
 echo "phase 2 (attention blocks fine-tuned for one epoch):"
 blobenc evaluate "$out/pred" --data "$out/data" --json "$out/scores.json"
+# One HTML page comparing both phases: curves, tables, histograms, surface maps (needs the report extra).
+if python -c "import matplotlib, nilearn, jinja2" 2>/dev/null; then
+    blobenc report "$out/run" "$out/run-phase2" --data "$out/data" \
+        --predictions "$out/pred-phase1" --predictions "$out/pred" --out "$out/report.html"
+    echo "report: $out/report.html"
+else
+    echo "report skipped: pip install -e '.[report]' for blobenc report"
+fi

@@ -6,6 +6,7 @@ import typer
 
 from blobenc.cli.data import evaluate_command, submit_command, synth_command
 from blobenc.cli.features import extract_command, info_command, layers_command
+from blobenc.cli.report import report_command
 from blobenc.cli.train import finetune_command, fit_head_command, import_reference_command, predict_command
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.command("predict")(predict_command)
 app.command("import-reference")(import_reference_command)
 app.command("evaluate")(evaluate_command)
 app.command("submit")(submit_command)
+app.command("report")(report_command)
 
 
 def main() -> None:
