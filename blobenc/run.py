@@ -11,12 +11,15 @@ from blobenc.data.base import GroupSpace
 from blobenc.heads import create_head
 from blobenc.train.checkpoint import load_weights, read_json, resolve_run
 from blobenc.train.finetune import build_encoder
+from blobenc.train.ridge import RidgeModel
 
 
 def load_model(run: Path | str, which: str = "best") -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained head from its run folder alone: model.json + <which>.safetensors."""
     tdir = resolve_run(run)
     spec = read_json(tdir / "model.json")
+    if spec.get("kind") == "ridge":  # per-subject fits in weights/, loaded as predict asks for them
+        return RidgeModel(tdir, spec), spec
     if spec.get("finetuned"):  # trunk + head in one state dict
         model = build_encoder(spec)
     else:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from blobenc.data.base import Dataset, ValidationSplit, open_dataset, verify_images
-from blobenc.errors import DataError, ModelError
+from blobenc.errors import ConfigError, DataError, ModelError
 from blobenc.features.extract import default_workers
 from blobenc.features.trunk import (
     LayerCapture,
@@ -160,6 +160,8 @@ def finetune(
     """Fine-tune a fit-head run's trunk (attention blocks by default) and head end to end."""
     source = resolve_run(run)
     spec = read_json(source / "model.json")
+    if spec.get("kind") == "ridge":
+        raise ConfigError(f"{run}: a fit-ridge run has no head to fine-tune; give a fit-head run")
     out = Path(out)
     dataset = open_dataset(data_root)
     if list(dataset.subjects) != spec["subjects"]:

@@ -94,14 +94,14 @@ def _val_predictions(trials: list[Trial], data, batch_size: int, device, amp) ->
     return result
 
 
-def val_tables(trial: Trial, data, batch_size: int, device, amp) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The best trial's validation, beyond the headline: R² per ROI and hemisphere (each vertex's R²
-    pooled over subjects, as the headline median, averaged over the subjects' ROI masks), and per
-    subject its own Pearson r and R² at each of its native vertices (`<subject>.r`, `<subject>.r2`),
-    which `val_vertex.safetensors` keeps for maps."""
+def val_tables(pred: np.ndarray, data) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Validation beyond the headline, from group-space predictions `pred` of the validation samples:
+    R² per ROI and hemisphere (each vertex's R² pooled over subjects, as the headline median,
+    averaged over the subjects' ROI masks), and per subject its own Pearson r and R² at each of its
+    native vertices (`<subject>.r`, `<subject>.r2`), which `val_vertex.safetensors` keeps for maps.
+    Shared by every run kind (fit-head, finetune, fit-ridge)."""
     from blobenc.predictions import mean_rois, roi_means
 
-    [pred] = _val_predictions([trial], data, batch_size, device, amp)
     observed = data.observed("val")
     r2 = pooled_r2(pred, data.val_target, observed)
     tables, vertex = [], {}
@@ -305,7 +305,8 @@ def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool,
         return None
     summary, best_trial, best_dir = _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
     best_trial.model.load_state_dict(load_weights(best_dir / "best.safetensors"))
-    summary["val_rois"], vertex = val_tables(best_trial, data, base.batch_size, device, amp)
+    [pred] = _val_predictions([best_trial], data, base.batch_size, device, amp)
+    summary["val_rois"], vertex = val_tables(pred, data)
     save_weights(out / "val_vertex.safetensors", vertex, {"trial": summary["trial"]})
     write_json(out / "summary.json", summary)
     return summary

@@ -1,0 +1,214 @@
+"""Closed-form ridge on cached features: layer reductions, per-layer z-scoring, leave-one-out alpha
+per target, and banded (one kernel per layer) ridge through himalaya.
+
+Conventions. Each layer's reduced features are z-scored over a subject's training images and
+weighted by 1/d_l, so every layer adds about n to the trace of the linear kernel
+
+    K = sum_l Z_l Z_l^T / d_l,
+
+whatever its width. Targets are centred by their training mean; there is no intercept beyond it.
+Every solution is returned as weights W_l (d_l, V) on the z-scored features Z_l (the primal form,
+whichever way it was solved) or, when that would not fit, as dual coefficients over the training
+images, whose features are then needed again to predict.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blobenc.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FEATURE_MODES = ("mean", "cls", "tokens", "pool=N")
+_POOL = re.compile(r"^pool=(\d+)$")
+
+
+def check_features(mode: str) -> str:
+    if mode in ("mean", "cls", "tokens") or (_POOL.match(mode) and int(mode[5:]) > 0):
+        return mode
+    raise ConfigError(f"--features {mode!r}: expected one of {', '.join(FEATURE_MODES)} (N a positive integer)")
+
+
+def reduced_dim(mode: str, layer_shape: list[int], prefix: int) -> int:
+    """Width of a layer's reduced feature vector."""
+    if len(layer_shape) == 3:  # CNN map (C, H, W)
+        c, h, w = layer_shape
+        spatial, channels = h * w, c
+    else:  # ViT tokens (L, C)
+        spatial, channels = layer_shape[0] - prefix, layer_shape[1]
+    if mode == "tokens":
+        return int(np.prod(layer_shape))
+    if mode.startswith("pool="):
+        n = int(mode[5:])
+        if n * n > spatial:
+            raise ConfigError(f"--features {mode}: the layer has only {spatial} positions ({layer_shape})")
+        return n * n * channels
+    return channels
+
+
+def reduce_layer(x: np.ndarray | torch.Tensor, mode: str, prefix: int, name: str = "layer") -> torch.Tensor:
+    """(n, L, C) tokens or (n, C, H, W) maps -> (n, d) float32 features.
+
+    mean: over patch tokens (prefix tokens left out) or spatial positions; cls: the first prefix
+    token; tokens: everything flattened; pool=N: patch tokens or maps averaged to an N x N grid."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    if mode == "tokens":
+        return x.flatten(1)
+    if x.ndim == 4:
+        maps = x
+    elif x.ndim == 3:
+        if mode == "cls":
+            if prefix < 1:
+                raise ConfigError(f"--features cls: layer {name} has no class token; use mean or pool=N")
+            return x[:, 0]
+        patches = x[:, prefix:]
+        if mode == "mean":
+            return patches.mean(1)
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            raise ConfigError(f"--features {mode}: layer {name}'s {patches.shape[1]} patch tokens are not a square")
+        maps = patches.transpose(1, 2).reshape(len(x), x.shape[2], side, side)
+    else:
+        raise ConfigError(f"layer {name}: expected (n, L, C) tokens or (n, C, H, W) maps, got {tuple(x.shape)}")
+    if mode == "cls":
+        raise ConfigError(f"--features cls: layer {name} is a feature map with no class token; use mean or pool=N")
+    if mode == "mean":
+        return maps.mean((2, 3))
+    return F.adaptive_avg_pool2d(maps, int(mode[5:])).flatten(1)
+
+
+@dataclass
+class LayerScaler:
+    """Per-column mean and std over a subject's training images (columns with no spread pass
+    through as 0), and the layer weight 1/d that equalises layers in the kernel."""
+
+    mean: torch.Tensor  # (d,)
+    std: torch.Tensor  # (d,)
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> LayerScaler:
+        x64 = x.double()
+        mean, std = x64.mean(0), x64.std(0, correction=0)
+        return cls(mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float())
+
+    @property
+    def weight(self) -> float:
+        return 1.0 / len(self.mean)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.mean.device) - self.mean) / self.std
+
+
+def default_alphas(trace: float, n: int = 22) -> np.ndarray:
+    """A log grid of `n` alphas from 1e-6 to 10 times the kernel's trace: a grid that follows the
+    scale of the kernel, so it fits any number of images and layers."""
+    return trace * np.logspace(-6, 1, n)
+
+
+def check_alphas(alphas) -> np.ndarray:
+    a = np.asarray(alphas, dtype=np.float64).ravel()
+    if len(a) == 0 or not np.isfinite(a).all() or (a <= 0).any():
+        raise ConfigError(f"--alphas {list(a)}: expected positive finite values")
+    return np.sort(a)
+
+
+@dataclass
+class LooResult:
+    best_alpha: torch.Tensor  # (V,)
+    loo_mse: torch.Tensor  # (V,)
+    coef: torch.Tensor  # (d, V) primal or (n, V) dual coefficients at each target's best alpha
+
+
+def _target_blocks(v: int, block: int) -> list[slice]:
+    return [slice(i, min(i + block, v)) for i in range(0, v, block)]
+
+
+def loo_ridge(
+    X: torch.Tensor | None, K: torch.Tensor | None, Y: torch.Tensor, alphas: np.ndarray, target_block: int = 8192
+) -> LooResult:
+    """Ridge with one alpha per target chosen by exact leave-one-out error, from one decomposition.
+
+    Primal (X (n, d), d < n): X = U S V^T; the hat matrix's diagonal and the fitted values for
+    every alpha follow from U, S and R = U^T Y. Dual (K (n, n)): K = U diag(l) U^T; the LOO
+    residual of a sample is c_i / (K + a I)^-1_ii with c = (K + a I)^-1 Y. Both give scikit-learn's
+    RidgeCV(alpha_per_target=True, fit_intercept=False) on the same data. Cost per alpha: n d V
+    (primal) or n^2 V (dual); targets go in blocks of `target_block`.
+    """
+    if (X is None) == (K is None):
+        raise ValueError("give X (primal) or K (dual)")
+    dev = Y.device
+    if X is not None:
+        U, s, Vt = torch.linalg.svd(X.double(), full_matrices=False)
+        ev = s * s
+    else:
+        ev, U = torch.linalg.eigh(K.double())
+        ev = ev.clamp_min(0)
+    U32, U2 = U.float(), (U * U).float()
+    n, v = Y.shape
+    best = torch.full((v,), math.inf, device=dev)
+    best_alpha = torch.zeros(v, device=dev, dtype=torch.float64)
+    coef = torch.empty(((Vt.shape[1] if X is not None else n), v), device=dev)
+    a = torch.as_tensor(alphas, device=dev, dtype=torch.float64)
+    for sl in _target_blocks(v, target_block):
+        y = Y[:, sl]
+        R = U32.T @ y
+        b_err = torch.full((y.shape[1],), math.inf, device=dev)
+        b_alpha = torch.zeros(y.shape[1], device=dev, dtype=torch.float64)
+        for alpha in a:
+            if X is not None:
+                shrink = (ev / (ev + alpha)).float()
+                resid = (y - U32 @ (shrink[:, None] * R)) / (1 - U2 @ shrink).clamp_min(1e-12)[:, None]
+            else:
+                inv = (1 / (ev + alpha)).float()
+                resid = (U32 @ (inv[:, None] * R)) / (U2 @ inv).clamp_min(1e-30)[:, None]
+            err = (resid * resid).mean(0)
+            better = err < b_err
+            b_err = torch.where(better, err, b_err)
+            b_alpha = torch.where(better, alpha, b_alpha)
+        best[sl], best_alpha[sl] = b_err, b_alpha
+        if X is not None:  # W = V diag(s / (s^2 + a_t)) R per target
+            scale = (s[:, None] / (ev[:, None] + b_alpha[None, :])).float()
+            coef[:, sl] = Vt.T.float() @ (scale * R)
+        else:  # c = U diag(1 / (l + a_t)) R per target
+            coef[:, sl] = U32 @ ((1 / (ev[:, None] + b_alpha[None, :])).float() * R)
+    return LooResult(best_alpha.float(), best, coef)
+
+
+def banded_ridge(
+    kernels: torch.Tensor, Y: torch.Tensor, alphas: np.ndarray, folds: list, n_iter: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """himalaya's MultipleKernelRidgeCV on precomputed per-layer kernels (n_layers, n, n): per
+    target a kernel weighting (random search over the simplex) and an alpha, by cross-validation
+    over `folds`. Returns dual coefficients (n, V) and the per-target kernel weights (n_layers, V):
+    prediction = sum_l weights_l * (K_l(new, train) @ dual), with the alpha absorbed in the weights
+    (the effective alpha of a target is 1 / sum_l weights_l)."""
+    from himalaya.backend import get_backend
+    from himalaya.kernel_ridge import MultipleKernelRidgeCV
+
+    backend = get_backend()
+    model = MultipleKernelRidgeCV(
+        kernels="precomputed",
+        solver="random_search",
+        solver_params=dict(n_iter=n_iter, alphas=alphas, progress_bar=False),
+        cv=folds,
+        random_state=seed,
+    )
+    model.fit(backend.asarray(kernels), backend.asarray(Y))
+    deltas = torch.as_tensor(backend.to_numpy(model.deltas_), device=Y.device)  # log kernel weights
+    dual = torch.as_tensor(backend.to_numpy(model.dual_coef_), device=Y.device)
+    return dual, torch.exp(deltas)
+
+
+def set_ridge_backend(device: torch.device) -> None:
+    """himalaya's torch backend on the device's kind (torch_cuda on a GPU)."""
+    from himalaya.backend import set_backend
+
+    set_backend("torch_cuda" if device.type == "cuda" else "torch", on_error="warn")

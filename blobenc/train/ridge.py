@@ -1,0 +1,434 @@
+"""`blobenc fit-ridge`: per-subject (banded) ridge on cached features, validated on fit-head's split
+(docs/fit-ridge.md). The math lives in blobenc/ridge.py; this module feeds it and writes the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blobenc.data.base import open_dataset
+from blobenc.errors import CacheError, ConfigError
+from blobenc.features.cache import FeatureCache
+from blobenc.features.trunk import match_modules
+from blobenc.progress import track
+from blobenc.ridge import (
+    LayerScaler,
+    banded_ridge,
+    check_alphas,
+    check_features,
+    default_alphas,
+    loo_ridge,
+    reduce_layer,
+    reduced_dim,
+    set_ridge_backend,
+)
+from blobenc.runtime import resolve_device
+from blobenc.train.checkpoint import RUN_FORMAT, save_weights, write_json
+from blobenc.train.data import SplitTargets
+from blobenc.train.fit import val_tables
+from blobenc.train.loop import validation_scores
+
+logger = logging.getLogger(__name__)
+
+# Beyond this many bytes of primal weights per subject (d x V float32) a kernel solution stays dual.
+PRIMAL_LIMIT = 2 << 30
+
+
+@dataclass(frozen=True)
+class RidgeConfig:
+    features: str = "mean"
+    layers: tuple[str, ...] | None = None  # globs over the cache's layers; None = all of them
+    alphas: tuple[float, ...] | None = None  # None: default_alphas scaled to each kernel's trace
+    banded: bool = False
+    n_iter: int = 20  # banded: random-search draws of layer weightings
+    cv: int = 5  # banded: folds by image
+    val_fraction: float = 0.1
+    seed: int = 0
+    refit: bool = True
+    device: str = "auto"
+
+    def check(self) -> None:
+        check_features(self.features)
+        if self.alphas is not None:
+            check_alphas(self.alphas)
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction {self.val_fraction}: expected a fraction in (0, 1)")
+        if self.n_iter < 1 or self.cv < 2:
+            raise ConfigError(f"--n-iter {self.n_iter} / --cv {self.cv}: expected n_iter >= 1 and cv >= 2")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+class LayerFeatures:
+    """Reduced features (float32, one row per cache row) of the layers a ridge uses: the rows of
+    every subject read once by whole chunks when they fit `max_memory`, else read from the cache
+    on each request (a layer at a time, so all tokens of all layers are never in RAM at once)."""
+
+    def __init__(self, cache: FeatureCache, layers: list[str], mode: str, rows: np.ndarray, max_memory: int | None):
+        self.cache, self.layers, self.mode = cache, layers, mode
+        self.prefix = int(cache.attrs.get("num_prefix_tokens") or 0)
+        shapes = cache.attrs["layer_shapes"]
+        self.dims = [reduced_dim(mode, shapes[n], self.prefix) for n in layers]
+        self.nbytes = len(rows) * sum(self.dims) * 4
+        self.rows = np.asarray(rows)
+        self.tables: list[torch.Tensor] | None = None
+        if max_memory is None or self.nbytes <= max_memory:
+            self.tables = [self._read(n, self.rows) for n in layers]
+
+    def _read(self, layer: str, rows: np.ndarray) -> torch.Tensor:
+        out = torch.empty(len(rows), self.dims[self.layers.index(layer)])
+        for positions, block in self.cache.read_rows(layer, rows, view=0):
+            out[positions] = reduce_layer(block, self.mode, self.prefix, layer)
+        return out
+
+    def get(self, i: int, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), d_i) features of layer i at these cache rows."""
+        if self.tables is not None:
+            return self.tables[i][torch.as_tensor(np.searchsorted(self.rows, rows))]
+        return self._read(self.layers[i], rows)
+
+
+@dataclass
+class SubjectFit:
+    form: str  # primal | dual
+    solver: str  # primal | kernel | banded
+    scalers: list[LayerScaler]
+    y_mean: torch.Tensor
+    alpha: torch.Tensor  # (V,) effective alpha per target
+    coef: list[torch.Tensor] | torch.Tensor  # primal: per layer (d_l, V); dual: (n, V)
+    kernel_weights: torch.Tensor  # (n_layers, V): per-target weight of each layer's Z Z^T / d
+    train_rows: np.ndarray | None = None  # dual: cache row of each training image
+
+    @property
+    def layer_weights(self) -> torch.Tensor:
+        """(V, n_layers): each layer's share of the kernel per target (banded ridge's layer preference)."""
+        w = self.kernel_weights
+        return (w / w.sum(0, keepdim=True)).T.contiguous()
+
+
+def _solve(
+    feats: LayerFeatures,
+    rows: np.ndarray,
+    Y: torch.Tensor,
+    config: RidgeConfig,
+    device: torch.device,
+    val_rows: np.ndarray | None = None,
+    keep: bool = True,
+) -> tuple[SubjectFit, torch.Tensor | None]:
+    """Fit one subject: `rows` are the cache rows of its training responses Y (one per row, repeats
+    allowed). Returns the fit and its predictions at `val_rows`. Layers are read one at a time.
+    `keep=False`: the fit only validates (a refit replaces it), so a kernel solution stays dual."""
+    n, n_layers = len(rows), len(feats.layers)
+    y_mean = Y.mean(0)
+    Yc = Y - y_mean
+    scalers = []
+
+    def layer(i: int, at: np.ndarray) -> torch.Tensor:
+        return scalers[i](feats.get(i, at).to(device))
+
+    for i in range(n_layers):
+        scalers.append(LayerScaler.fit(feats.get(i, rows).to(device)))
+    primal = sum(feats.dims) < n and not config.banded
+    if primal:
+        X = torch.cat([layer(i, rows) * scalers[i].weight ** 0.5 for i in range(n_layers)], 1)
+        alphas = check_alphas(config.alphas) if config.alphas else default_alphas(float((X * X).sum()))
+        res = loo_ridge(X, None, Yc, alphas)
+        del X
+        splits = np.cumsum(feats.dims)[:-1].tolist()
+        coef = [c * s.weight**0.5 for c, s in zip(torch.tensor_split(res.coef, splits), scalers, strict=True)]
+        fit = SubjectFit("primal", "primal", scalers, y_mean, res.best_alpha, coef, _uniform(scalers, Y))
+        return fit, None if val_rows is None else predict_features(fit, _raw(feats, val_rows), feats, device)
+
+    kernels = torch.zeros((n_layers if config.banded else 1), n, n, device=device)
+    val_kernels = None if val_rows is None else torch.zeros(len(kernels), len(val_rows), n, device=device)
+    for i in range(n_layers):
+        z = layer(i, rows)
+        j = i if config.banded else 0
+        kernels[j] += z @ z.T * scalers[i].weight
+        if val_kernels is not None:
+            val_kernels[j] += layer(i, val_rows) @ z.T * scalers[i].weight
+        del z
+    alphas = check_alphas(config.alphas) if config.alphas else default_alphas(float(kernels.sum(0).trace()))
+    if config.banded:
+        dual, weights = banded_ridge(
+            kernels, Yc, alphas, _folds(rows, config.cv, config.seed), config.n_iter, config.seed
+        )
+        alpha, solver = 1 / weights.sum(0), "banded"
+    else:
+        res = loo_ridge(None, kernels[0], Yc, alphas)
+        dual, alpha, weights, solver = res.coef, res.best_alpha, _uniform(scalers, Y), "kernel"
+    del kernels
+    val = None
+    if val_kernels is not None:
+        val = y_mean + sum((k @ dual) * (weights[j] if config.banded else 1) for j, k in enumerate(val_kernels))
+    fit = SubjectFit("dual", solver, scalers, y_mean, alpha, dual, weights, train_rows=rows)
+    if (
+        keep and sum(feats.dims) * Y.shape[1] * 4 <= PRIMAL_LIMIT
+    ):  # the same predictor as W_l = w_l Z_l^T (dual * weight_l)
+        fit.coef = [layer(i, rows).T @ (dual * weights[i]) * scalers[i].weight for i in range(n_layers)]
+        fit.form, fit.train_rows = "primal", None
+    return fit, val
+
+
+def _raw(feats: LayerFeatures, rows: np.ndarray) -> list[torch.Tensor]:
+    return [feats.get(i, rows) for i in range(len(feats.layers))]
+
+
+def _uniform(scalers: list[LayerScaler], Y: torch.Tensor) -> torch.Tensor:
+    return torch.ones(len(scalers), Y.shape[1], device=Y.device)
+
+
+def _folds(rows: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds over response rows that keep every image's rows in one fold (repeats never leak)."""
+    images = np.unique(rows)
+    if len(images) < k:
+        raise ConfigError(f"--cv {k}: the subject has only {len(images)} training images")
+    fold_of = dict(zip(images.tolist(), np.random.default_rng(seed).permutation(len(images)) % k, strict=True))
+    fold = np.asarray([fold_of[i] for i in rows.tolist()])
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
+
+
+def predict_features(fit: SubjectFit, raw: list[torch.Tensor], feats, device: torch.device) -> torch.Tensor:
+    """Predictions from reduced (not yet z-scored) features per layer; a dual fit also reads its
+    training images' features from `feats` (anything with get(i, rows))."""
+    out = fit.y_mean.expand(len(raw[0]), -1).clone()
+    for i, (x, scaler) in enumerate(zip(raw, fit.scalers, strict=True)):
+        z = scaler(x.to(device))
+        if fit.form == "primal":
+            out += z @ fit.coef[i]
+        else:
+            zt = scaler(feats.get(i, fit.train_rows).to(device))
+            out += ((z @ zt.T) * scaler.weight) @ fit.coef * fit.kernel_weights[i]
+    return out
+
+
+def _plan(feats: LayerFeatures, sizes: dict[str, tuple[int, int]], config: RidgeConfig) -> str:
+    d = sum(feats.dims)
+    n_max = max(n for n, _ in sizes.values())
+    v_max = max(v for _, v in sizes.values())
+    solver = "banded (himalaya random search)" if config.banded else ("primal" if d < n_max else "kernel")
+    kernel = (len(feats.layers) if config.banded else 1) * n_max * n_max * 4
+    peak = feats.nbytes * (feats.tables is not None) + min(n_max, d) * d * 4 + kernel + 3 * n_max * v_max * 4
+    where = "in memory" if feats.tables is not None else "read per layer from the cache"
+    return (
+        f"plan: {solver} ridge, features {config.features} ({d} per image over {len(feats.layers)} layers, "
+        f"{feats.nbytes / 1e6:.0f} MB {where}); up to {n_max} images x {v_max} targets per subject; "
+        f"estimated peak {peak / 1e9:.2f} GB"
+    )
+
+
+def fit_ridge(
+    cache_path: Path | str,
+    data_root: Path | str,
+    out: Path | str,
+    config: RidgeConfig = RidgeConfig(),
+    *,
+    max_memory: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fit one ridge per subject on the cache, validate on fit-head's by-image split (same seed,
+    same images), refit on every training image, and write the run folder; returns the summary."""
+    config.check()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: exists and is not empty; choose a new --out")
+    device = resolve_device(config.device)
+    set_ridge_backend(device)
+    cache = FeatureCache.open(cache_path)
+    dataset = open_dataset(data_root)
+    layers = _select_layers(cache, config.layers)
+    split = dataset.validation_split(config.val_fraction, config.seed)
+    data = SplitTargets(dataset, split, torch.device("cpu"))
+    try:
+        rows = {part: cache.rows(list(s.key)) for part, s in data.sets.items()}
+    except CacheError as e:
+        raise CacheError(f"{e}: the cache was not extracted from this dataset ({dataset.root})") from None
+    img_rows = np.unique(np.concatenate(list(rows.values())))
+    feats = LayerFeatures(cache, layers, config.features, img_rows, max_memory)
+    sizes = {
+        name: (int((data.sets["train"].subject == i).sum()), len(data.group_index[name]))
+        for i, name in enumerate(data.subjects)
+    }
+    logger.info(_plan(feats, sizes, config))
+
+    t0 = time.perf_counter()
+    val_pred = np.zeros_like(data.val_target)
+    records = []
+    tmp = out.parent / f".{out.name}.tmp"  # renamed to `out` once complete: never a half-written run
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for i, name in enumerate(track(data.subjects, "fit-ridge", progress)):
+        ts = time.perf_counter()
+        subject = dataset.subjects[name]
+        part_rows = {p: dict(data.sets[p].rows)[i] for p in ("train", "val")}
+        tr = np.flatnonzero(data.sets["train"].subject == i)
+        va = np.flatnonzero(data.sets["val"].subject == i)
+        Y = torch.as_tensor(subject.responses("train", part_rows["train"]), device=device)
+        fit, pred = _solve(feats, rows["train"][tr], Y, config, device, val_rows=rows["val"][va], keep=not config.refit)
+        val_pred[np.ix_(va, data.group_index[name])] = pred.cpu().numpy()
+        if config.refit:  # every training image, validation ones included: the model predict uses
+            all_rows = np.sort(np.concatenate([part_rows["train"], part_rows["val"]]))
+            Y = torch.as_tensor(subject.responses("train", all_rows), device=device)
+            fit, _ = _solve(feats, cache.rows([subject.keys["train"][r] for r in all_rows.tolist()]), Y, config, device)
+        _save_fit(tmp / "weights" / f"{name}.safetensors", fit, layers, cache)  # one subject's weights in RAM at a time
+        records.append(
+            {
+                "subject": name,
+                "solver": fit.solver,
+                "form": fit.form,
+                "features": config.features,
+                "alpha_median": float(fit.alpha.median()),
+                "n_train": len(tr),
+                "seconds": time.perf_counter() - ts,
+            }
+        )
+        del fit, Y
+    val = validation_scores(
+        val_pred, data.val_target, data.sets["val"].subject, data.subjects, data.group_index, data.group.n_vertices
+    )
+    for r in records:
+        r["val"] = val["subjects"].get(r["subject"])
+    val_rois, vertex = val_tables(val_pred, data)
+    seconds = time.perf_counter() - t0
+
+    split.save(tmp / "split.json")
+    save_weights(tmp / "val_vertex.safetensors", vertex, {"trial": "."})
+    with (tmp / "metrics.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_json(
+        tmp / "model.json",
+        {
+            "format": RUN_FORMAT,
+            "kind": "ridge",
+            "head": "ridge",
+            "subjects": data.subjects,
+            "layers": layers,
+            "features": cache.feature_spec(),
+            "cache": str(cache.path),
+            "group": data.group.to_dict(),
+            "ridge": {"features": config.features, "banded": config.banded, "refit": config.refit},
+        },
+    )
+    summary = {
+        "kind": "fit-ridge",
+        "best_epoch": None,
+        "val": val,
+        "val_rois": val_rois,
+        "trial": ".",
+        "seconds": seconds,
+        "subjects": records,
+        "trials": [],
+    }
+    write_json(tmp / "summary.json", summary)
+    write_json(
+        tmp / "run.json",
+        {
+            "format": RUN_FORMAT,
+            "kind": "fit-ridge",
+            "cache": str(cache_path),
+            "data": str(data_root),
+            "configs": [config.to_dict()],
+        },
+    )
+    if out.exists():
+        out.rmdir()  # an empty folder made for us (a non-empty one was refused up front)
+    tmp.rename(out)
+    return summary
+
+
+def _select_layers(cache: FeatureCache, patterns: tuple[str, ...] | None) -> list[str]:
+    if not patterns:
+        return cache.layers
+    chosen: set[str] = set()
+    for p in patterns:
+        hit = match_modules(cache.layers, p)
+        if not hit:
+            raise ConfigError(f"--layers {p!r} matches no layer of the cache; it has {', '.join(cache.layers)}")
+        chosen |= set(hit)
+    return [n for n in cache.layers if n in chosen]
+
+
+def _save_fit(path: Path, fit: SubjectFit, layers: list[str], cache: FeatureCache) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"y_mean": fit.y_mean, "alpha": fit.alpha, "layer_weights": fit.layer_weights}
+    for name, s in zip(layers, fit.scalers, strict=True):
+        tensors[f"{name}.mean"], tensors[f"{name}.std"] = s.mean, s.std
+    if fit.form == "primal":
+        for name, c in zip(layers, fit.coef, strict=True):
+            tensors[f"{name}.coef"] = c
+    else:
+        tensors["dual_coef"], tensors["kernel_weights"] = fit.coef, fit.kernel_weights
+    meta = {"form": fit.form, "solver": fit.solver, "layers": json.dumps(layers)}
+    if fit.train_rows is not None:
+        meta["train_keys"] = json.dumps([cache.keys[r] for r in fit.train_rows.tolist()])
+    save_weights(path, tensors, meta)
+
+
+def load_fit(path: Path, cache: FeatureCache | None, device: torch.device) -> tuple[SubjectFit, np.ndarray | None]:
+    """A subject's saved fit and, for a dual one, the cache rows of its training images (from
+    their keys, so any cache holding those images will do)."""
+    from safetensors import safe_open
+
+    from blobenc.train.checkpoint import load_weights
+
+    t = load_weights(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    layers = json.loads(meta["layers"])
+    scalers = [LayerScaler(t[f"{n}.mean"].to(device), t[f"{n}.std"].to(device)) for n in layers]
+    n_targets = len(t["y_mean"])
+    if meta["form"] == "primal":
+        coef = [t[f"{n}.coef"].to(device) for n in layers]
+        weights = torch.ones(len(layers), n_targets, device=device)
+        return SubjectFit("primal", meta["solver"], scalers, t["y_mean"].to(device), t["alpha"], coef, weights), None
+    keys = json.loads(meta["train_keys"])
+    if cache is None:
+        raise CacheError(f"{path}: a dual (kernel) ridge needs its training images' features: give --cache")
+    rows = cache.rows(keys)
+    fit = SubjectFit(
+        "dual",
+        meta["solver"],
+        scalers,
+        t["y_mean"].to(device),
+        t["alpha"],
+        t["dual_coef"].to(device),
+        t["kernel_weights"].to(device),
+        train_rows=rows,
+    )
+    return fit, rows
+
+
+class RidgeModel:
+    """A fit-ridge run as predict uses it: each subject's fit loaded on first use, predicting in the
+    subject's own target order from the run's layers (raw cache or trunk outputs)."""
+
+    def __init__(self, run_dir: Path, spec: dict):
+        self.dir, self.spec = Path(run_dir), spec
+        self.mode = spec["ridge"]["features"]
+        self.prefix = int(spec["features"].get("num_prefix_tokens") or 0)
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> RidgeModel:
+        self.device = device
+        return self
+
+    def eval(self) -> RidgeModel:
+        return self
+
+    @torch.no_grad()
+    def predict_subject(self, name: str, raw: list[torch.Tensor], cache: FeatureCache | None) -> np.ndarray:
+        """(n, n_targets) float32 predictions of subject `name` from per-layer features (n, *shape)."""
+        fit, rows = load_fit(self.dir / "weights" / f"{name}.safetensors", cache, self.device)
+        layers = self.spec["layers"]
+        reduced = [reduce_layer(x, self.mode, self.prefix, n) for x, n in zip(raw, layers, strict=True)]
+        train = LayerFeatures(cache, layers, self.mode, rows, max_memory=0) if rows is not None else None
+        return predict_features(fit, reduced, train, self.device).float().cpu().numpy()
