@@ -215,3 +215,50 @@ def test_fit_ridge_refuses_a_cache_of_another_dataset(ridge_cache, small_data, t
     res = _fit(ridge_cache, small_data, tmp_path / "run")
     assert res.exit_code == 1 and "not extracted from this dataset" in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_select_per_vertex_takes_the_better_run(ridge_cache, ridge_data, tmp_path):
+    """Two runs on the same split that differ (each sees one layer): every vertex takes the run with
+    the better validation r there, and the written predictions are those runs' own, picked per vertex."""
+    from blobenc.select import selection_weights
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _fit(ridge_cache, ridge_data, a, "--layers", "blocks.1").exit_code == 0
+    assert _fit(ridge_cache, ridge_data, b, "--layers", "blocks.3").exit_code == 0
+    sel = tmp_path / "sel"
+    res = runner.invoke(
+        app, ["predict", str(a), str(b), "--data", str(ridge_data), "--out", str(sel), "--select", "vertex"]
+    )
+    assert res.exit_code == 0, res.output
+    ds = open_dataset(ridge_data)
+    weights = load_file(sel / "selection.safetensors")
+    for run in (a, b):
+        assert (
+            runner.invoke(
+                app, ["predict", str(run), "--data", str(ridge_data), "--out", str(run / "p"), "-q"]
+            ).exit_code
+            == 0
+        )
+    for name in ds.subjects:
+        ra, rb = (load_file(r / "val_vertex.safetensors")[f"{name}.r"].numpy() for r in (a, b))
+        w = weights[f"{name}.weights"].numpy()
+        np.testing.assert_array_equal(w[1] == 1, rb > ra)
+        pa, pb = (ds.read_predictions(r / "p", name) for r in (a, b))
+        np.testing.assert_allclose(ds.read_predictions(sel, name), np.where(rb > ra, pb, pa), rtol=1e-6)
+        sel_r = np.where(rb > ra, rb, ra).mean()
+        summary = json.loads((sel / "selection.json").read_text())["subjects"][name]
+        assert summary["val_mean_r"] == pytest.approx(sel_r, rel=1e-5)
+        assert summary["val_mean_r"] >= max(ra.mean(), rb.mean())
+    blend = selection_weights(np.array([[0.5, -0.1, 0.0], [0.5, 0.2, 0.0]]), "blend")
+    np.testing.assert_allclose(blend, [[0.5, 0, 0.5], [0.5, 1, 0.5]])
+    assert (selection_weights(np.array([[0.1, 0.9], [0.3, 0.3]]), "subject") == [[1, 1], [0, 0]]).all()
+
+
+def test_select_refuses_runs_on_other_splits(ridge_cache, ridge_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _fit(ridge_cache, ridge_data, a, "--no-refit").exit_code == 0
+    assert _fit(ridge_cache, ridge_data, b, "--no-refit", "--seed", "1").exit_code == 0
+    out = tmp_path / "sel"
+    res = runner.invoke(app, ["predict", str(a), str(b), "--data", str(ridge_data), "--out", str(out)])
+    assert res.exit_code == 1 and "validated on other images" in res.output and "Traceback" not in res.output
+    assert not out.exists() or not any(out.iterdir())

@@ -114,7 +114,12 @@ def parse_bytes(text: str | None) -> int | None:
 
 
 def predict_command(
-    run: Annotated[Path, typer.Argument(help="A fit-head run (or sweep) folder.")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A run folder (fit-head, sweep, finetune, fit-ridge); several with --select.", metavar="RUN..."
+        ),
+    ],
     data: DataOpt,
     out: Annotated[
         Path,
@@ -129,17 +134,40 @@ def predict_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    select: Annotated[
+        str | None,
+        typer.Option(
+            help="With several runs: per 'vertex' (default), per 'subject' the run with the best validation r, "
+            "or a 'blend' weighted by r²."
+        ),
+    ] = None,
     json_out: JsonOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Predict subjects' responses in their own vertex space; scores itself when test fMRI exist."""
+    from blobenc.errors import ConfigError
     from blobenc.predict import predict
+    from blobenc.select import predict_selected
 
     setup_logging(quiet)
     with errors():
-        scores = predict(
-            run, data, out, subject, split, cache, batch_size, device, precision, images=images, progress=not quiet
-        )
+        if len(runs) > 1 or select is not None:
+            if split != "test" or images is not None or cache is not None:
+                raise ConfigError(
+                    "--select predicts the test split from each run's own cache (no --split/--images/--cache)"
+                )
+            selected = predict_selected(
+                runs, data, out, select or "vertex", subject, progress=not quiet,
+                batch_size=batch_size, device=device, precision=precision,
+            )  # fmt: skip
+            scores = selected["scores"]
+            if not quiet:
+                console.print(selection_table(selected["selection"]))
+        else:
+            scores = predict(
+                runs[0], data, out, subject, split, cache, batch_size, device, precision, images=images,
+                progress=not quiet,
+            )  # fmt: skip
     if scores:
         from blobenc.predictions import summarize
 
@@ -149,6 +177,19 @@ def predict_command(
             console.print(score_table(result, f"predictions in {out}"))
     elif not quiet:
         console.print(f"wrote predictions to {out}")
+
+
+def selection_table(selection: dict) -> Table:
+    """Per subject: each run's share of the vertices and mean validation r, and the selection's."""
+    table = Table(title=f"--select {selection['select']}: share of vertices (validation mean r)")
+    table.add_column("subject")
+    for k, run in enumerate(selection["runs"]):
+        table.add_column(f"run {k + 1}: {Path(run).name}", justify="right")
+    table.add_column("selected", justify="right")
+    for name, s in selection["subjects"].items():
+        cells = [f"{share:.0%} ({r:.4f})" for share, r in zip(s["share"], s["val_mean_r_runs"], strict=True)]
+        table.add_row(name, *cells, f"{s['val_mean_r']:.4f}")
+    return table
 
 
 def import_reference_command(
