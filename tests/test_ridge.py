@@ -187,8 +187,10 @@ def test_banded_ridge_prefers_the_layer_with_signal(tmp_path):
 
 def test_fit_ridge_banded_run_saves_layer_weights(ridge_cache, ridge_data, tmp_path):
     run = tmp_path / "banded"
-    res = _fit(ridge_cache, ridge_data, run, "--banded", "--n-iter", "5", "--no-refit")
+    res = _fit(ridge_cache, ridge_data, run, "--banded", "--n-iter", "5", "--no-refit", "--report")
     assert res.exit_code == 0, res.output
+    html = (run / "report.html").read_text()
+    assert "fit-ridge" in html and "data:image/png;base64," in html
     w = load_file(run / "weights" / "subj01.safetensors")
     n = open_dataset(ridge_data).subjects["subj01"].n_targets
     assert w["layer_weights"].shape == (n, 2)

@@ -45,6 +45,19 @@ RunOutOpt = Annotated[Path, typer.Option("--out", help="Run folder to write (mus
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of config keys (the reference's keys).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value config override, repeatable.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
+ReportOpt = Annotated[
+    bool, typer.Option("--report", help="At the end, write RUN/report.html (needs pip install 'blobenc[report]').")
+]
+
+
+def write_run_report(out: Path, quiet: bool) -> None:
+    """`--report`: the run's HTML report, after the run itself is safely written."""
+    from blobenc.report import write_report
+
+    with errors():
+        path = write_report([out], out / "report.html")
+    if not quiet:
+        console.print(f"report: {path}")
 
 
 @contextmanager

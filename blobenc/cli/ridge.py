@@ -7,7 +7,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from blobenc.cli._common import CacheArg, DataOpt, DeviceOpt, QuietOpt, RunOutOpt, console, errors, setup_logging
+from blobenc.cli._common import (
+    CacheArg,
+    DataOpt,
+    DeviceOpt,
+    QuietOpt,
+    ReportOpt,
+    RunOutOpt,
+    console,
+    errors,
+    setup_logging,
+    write_run_report,
+)
 from blobenc.cli.data import roi_table
 from blobenc.cli.train import parse_bytes, validation_table
 
@@ -35,6 +46,7 @@ def fit_ridge_command(
         str | None, typer.Option(help="Memory for features, e.g. 8G; beyond it layers are read one at a time.")
     ] = None,
     device: DeviceOpt = "auto",
+    report: ReportOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a (banded) ridge per subject on cached features: the baseline every head must beat."""
@@ -60,8 +72,13 @@ def fit_ridge_command(
             device=device,
         )
         summary = fit_ridge(cache, data, out, config, max_memory=parse_bytes(max_memory), progress=not quiet)
-    if quiet:
-        return
+    if not quiet:
+        print_summary(summary, out)
+    if report:
+        write_run_report(out, quiet)
+
+
+def print_summary(summary: dict, out) -> None:
     table = Table(title=f"fit-ridge {out}")
     for col in ("subject", "solver", "features", "alpha median", "val median R²", "mean r", "seconds"):
         table.add_column(col, justify="right")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,6 +336,7 @@ def fit_ridge(
         {
             "format": RUN_FORMAT,
             "kind": "fit-ridge",
+            "command": shlex.join(sys.argv),
             "cache": str(cache_path),
             "data": str(data_root),
             "configs": [config.to_dict()],
