@@ -80,9 +80,9 @@ def import_reference(
 
     group = None
     if data is not None:
-        from blobenc.data.algonauts import AlgonautsDataset
+        from blobenc.data.base import open_dataset
 
-        ds = AlgonautsDataset(data)
+        ds = open_dataset(data)
         if ds.group.n_vertices != n_vertices:
             raise ModelError(f"{data}: group space has {ds.group.n_vertices} vertices, the PCA {n_vertices}")
         group = ds.group.to_dict()

@@ -22,9 +22,15 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict | No
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors checkpoint; a missing, truncated or foreign file is one ConfigError line."""
+    from safetensors import SafetensorError
+
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint not found")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors checkpoint (truncated or corrupted?): {e}") from None
 
 
 def write_json(path: Path, obj) -> None:

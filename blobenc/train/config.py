@@ -8,6 +8,7 @@ import types
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -41,9 +42,11 @@ class HeadConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected a positive value")
-        for name in ("dropout", "warmup_fraction", "min_lr_fraction"):
-            if not 0 <= getattr(self, name) < 1 + (name == "min_lr_fraction"):
+        for name in ("dropout", "warmup_fraction"):
+            if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected a fraction in [0, 1)")
+        if not 0 <= self.min_lr_fraction <= 1:
+            raise ConfigError(f"min_lr_fraction={self.min_lr_fraction}: expected a fraction in [0, 1]")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction}: expected a fraction in (0, 1)")
         if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip <= 0):
@@ -69,6 +72,8 @@ class FinetuneConfig(HeadConfig):
     crop_scale: float = 0.8
     grad_checkpointing: bool = False
     num_workers: int | None = None
+    # the head and the validation split come from the fit-head run: these keys would be ignored
+    FROM_RUN: ClassVar[tuple[str, ...]] = ("head", "layers", "hidden_dim", "proj_dim", "dropout", "val_fraction")
 
     def check(self) -> None:
         super().check()
@@ -77,7 +82,8 @@ class FinetuneConfig(HeadConfig):
 
 
 def _fields(cls) -> dict:
-    return {f.name: f for f in fields(cls)}
+    """The keys a config file or --set may give (not those `cls` takes from elsewhere)."""
+    return {f.name: f for f in fields(cls) if f.name not in getattr(cls, "FROM_RUN", ())}
 
 
 FIELDS = _fields(HeadConfig)
@@ -88,6 +94,10 @@ NOT_SWEEPABLE = ("batch_size", "epochs", "seed", "val_fraction", "proj_dim", "de
 def _coerce(key: str, value, cls=HeadConfig):
     """Check and convert one value to the type of config field `key`."""
     valid = _fields(cls)
+    if key in getattr(cls, "FROM_RUN", ()):
+        raise ConfigError(
+            f"config key {key!r}: finetune takes it from the fit-head run; valid keys: {', '.join(valid)}"
+        )
     if key not in valid:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
     hint = typing.get_type_hints(cls)[key]
