@@ -457,6 +457,22 @@ def test_unreadable_image_stops_before_anything_is_written(generic_data, generic
     predict(run, data, tmp_path / "p", split="train", progress=False)  # the cache has its features
 
 
+def test_image_that_fails_to_decode_mid_run_is_one_line(generic_data, generic_run, tmp_path):
+    """A PNG whose header opens but whose data is cut: finetune stops with its path, no traceback."""
+    _, run = generic_run
+    data = tmp_path / "data"
+    shutil.copytree(generic_data, data)
+    broken = data / "images" / open_dataset(data).subjects["sub-01"].keys["train"][0]
+    png = broken.read_bytes()
+    broken.unlink()  # the copy may be a hard link to the session's dataset
+    broken.write_bytes(png[: len(png) // 2])
+    args = ["finetune", str(run), "--data", str(data), "--out", str(tmp_path / "ft"), "--set", "epochs=1"]
+    res = runner.invoke(app, [*args, "--set", "num_workers=0", "--set", "batch_size=16", "-q"])
+    assert res.exit_code == 1, res.output
+    assert f"{broken}: cannot read image" in res.output and "Traceback" not in res.output
+    assert "rerun with --resume" in res.output  # it stopped mid-run, the header check passed
+
+
 def test_finetune_config_refuses_keys_it_ignores():
     with pytest.raises(ConfigError, match="config key 'hidden_dim': finetune takes it from the fit-head run"):
         load_config(None, ["hidden_dim=64"], cls=FinetuneConfig)
