@@ -163,13 +163,15 @@ def loo_ridge(
         b_err = torch.full((y.shape[1],), math.inf, device=dev)
         b_alpha = torch.zeros(y.shape[1], device=dev, dtype=torch.float64)
         for alpha in a:
-            if X is not None:
+            if X is not None:  # residual (y - H y) / (1 - h_ii)
                 shrink = (ev / (ev + alpha)).float()
-                resid = (y - U32 @ (shrink[:, None] * R)) / (1 - U2 @ shrink).clamp_min(1e-12)[:, None]
-            else:
+                resid = torch.sub(y, U32 @ (shrink[:, None] * R))
+                resid /= (1 - U2 @ shrink).clamp_min(1e-12)[:, None]
+            else:  # c_i / G^-1_ii
                 inv = (1 / (ev + alpha)).float()
-                resid = (U32 @ (inv[:, None] * R)) / (U2 @ inv).clamp_min(1e-30)[:, None]
-            err = (resid * resid).mean(0)
+                resid = U32 @ (inv[:, None] * R)
+                resid /= (U2 @ inv).clamp_min(1e-30)[:, None]
+            err = resid.square_().mean(0)  # in place: one n x block buffer per alpha
             better = err < b_err
             b_err = torch.where(better, err, b_err)
             b_alpha = torch.where(better, alpha, b_alpha)
