@@ -206,6 +206,7 @@ class PredictionStaging:
 
         self.out = out
         self.path = out / f".predict-{uuid.uuid4().hex[:8]}"
+        self.created = not out.exists()
 
     def __enter__(self) -> PredictionStaging:
         self.path.mkdir(parents=True)
@@ -223,6 +224,8 @@ class PredictionStaging:
                         src.replace(dst)
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
+            if exc_type is not None and self.created and not any(self.out.iterdir()):
+                self.out.rmdir()  # an error leaves no trace of OUT
 
 
 def check_cache_fits(cache, spec: dict) -> None:

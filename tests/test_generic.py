@@ -388,6 +388,51 @@ def test_evaluate_checks_the_row_keys(generic_data, generic_run, tmp_path):
     assert res.exit_code == 1 and "sub-09: subject not in the data" in res.output
 
 
+def test_predict_images_folder_generic(generic_data, generic_run, tmp_path):
+    """Any folder of images, for every subject, in its own target order, keys beside the rows."""
+    _, run = generic_run
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    for i, key in enumerate(open_dataset(generic_data).unique_images().keys[:3]):
+        shutil.copyfile(generic_data / "images" / key, folder / "a" / f"x{i}.png")
+    predict(run, generic_data, tmp_path / "pred", images=folder, progress=False)
+    ds = open_dataset(generic_data)
+    assert (tmp_path / "pred/images.txt").read_text().split() == ["a/x0.png", "a/x1.png", "a/x2.png"]
+    for name, s in ds.subjects.items():
+        assert np.load(tmp_path / "pred" / name / "pred_images.npy").shape == (3, s.n_targets)
+        assert (tmp_path / "pred" / name / "images.csv").read_text().split() == [
+            "image",
+            "a/x0.png",
+            "a/x1.png",
+            "a/x2.png",
+        ]
+
+
+def test_predict_error_part_way_leaves_out_as_it_was(generic_data, generic_run, tmp_path, monkeypatch):
+    import blobenc.predict as predict_mod
+
+    _, run = generic_run
+    out = tmp_path / "pred"
+    predict(run, generic_data, out, subjects="sub-03", progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    real, calls = predict_mod.score_subject, []
+
+    def fail_on_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DataError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(predict_mod, "score_subject", fail_on_second)
+    with pytest.raises(DataError, match="disk full"):
+        predict(run, generic_data, out, progress=False)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # sub-01 was not written either
+    calls.clear()
+    with pytest.raises(DataError, match="disk full"):
+        predict(run, generic_data, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
+
+
 def test_submit_is_for_the_challenge_layout(generic_data, generic_run, tmp_path):
     _, run = generic_run
     predict(run, generic_data, tmp_path / "pred", progress=False)
@@ -427,7 +472,7 @@ def test_predict_refuses_a_cache_that_does_not_fit_the_run(generic_data, generic
         app, ["predict", str(run), "--data", str(generic_data), "--out", str(tmp_path / "p"), "--cache", str(pooled)]
     )
     assert res.exit_code == 1 and "pool is 2, the run was trained with None" in res.output
-    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+    assert not (tmp_path / "p").exists()
 
 
 def test_truncated_checkpoint_is_one_line(generic_run, generic_data, tmp_path):

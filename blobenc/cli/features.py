@@ -23,7 +23,7 @@ from blobenc.cli._common import (
     setup_logging,
     write_json,
 )
-from blobenc.data.base import open_dataset
+from blobenc.data.base import describe_dataset, open_dataset
 from blobenc.defaults import DEFAULT_LAYERS, DEFAULT_MODEL
 from blobenc.errors import ConfigError
 
@@ -134,7 +134,7 @@ def info_command(
             from blobenc.cli.data import dataset_table
 
             ds = open_dataset(cache)
-            write_json(json_out, dataset_info(ds))
+            write_json(json_out, describe_dataset(ds))
             if not quiet:
                 console.print(dataset_table(ds, f"{ds.layout} dataset {ds.root} ({ds.name})"))
             return
@@ -148,28 +148,6 @@ def _looks_like_dataset(path: Path) -> bool:
     return path.is_dir() and (
         (path / "dataset.yaml").is_file() or any(p.is_dir() and p.name.startswith("subj") for p in path.iterdir())
     )
-
-
-def dataset_info(ds) -> dict:
-    """What `info --json` says of a dataset."""
-    return {
-        "path": str(ds.root),
-        "layout": ds.layout,
-        "name": ds.name,
-        "group": {"targets": ds.group.n_targets, "size": ds.group.size, "surface": ds.group.surface},
-        "unique_images": len(ds.unique_images()),
-        "subjects": {
-            name: {
-                "train_rows": len(s.keys["train"]),
-                "test_rows": len(s.keys.get("test", ())),
-                "test_responses": s.has_responses("test"),
-                "targets": s.n_targets,
-                "noise_ceiling": s.noise_ceiling() is not None,
-                "rois": list(s.rois()),
-            }
-            for name, s in ds.subjects.items()
-        },
-    }
 
 
 def layers_command(

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from blobenc.errors import DataError
+from blobenc.errors import DataError, PredictionError
 
 SPLITS = ("train", "test")
 HEMIS = ("lh", "rh")
@@ -273,8 +273,6 @@ class DatasetBase:
 
     def prediction_subjects(self, out: Path) -> list[str]:
         """The subject folders of a prediction folder, each checked to be a subject of this dataset."""
-        from blobenc.errors import PredictionError
-
         out = Path(out)
         if not out.is_dir():
             raise PredictionError(f"{out}: prediction folder not found")
@@ -297,8 +295,6 @@ def write_array(path: Path, arr: np.ndarray) -> None:
 
 def read_prediction_file(path: Path, shape: tuple[int, int], what: str) -> np.ndarray:
     """A prediction .npy checked for shape, dtype float32 and finite values."""
-    from blobenc.errors import PredictionError
-
     if not path.is_file():
         raise PredictionError(f"{path}: prediction file not found")
     try:
@@ -312,6 +308,29 @@ def read_prediction_file(path: Path, shape: tuple[int, int], what: str) -> np.nd
     if not np.isfinite(arr).all():
         raise PredictionError(f"{path}: holds NaN or inf values; every prediction must be finite")
     return arr
+
+
+def describe_dataset(ds: Dataset) -> dict:
+    """What `blobenc info ROOT --json` says of a dataset: layout, group space, per-subject counts."""
+    return {
+        "path": str(ds.root),
+        "layout": ds.layout,
+        "name": ds.name,
+        "group": {"targets": ds.group.n_targets, "size": ds.group.size, "surface": ds.group.surface},
+        "unique_images": len(ds.unique_images()),
+        "subjects": {
+            name: {
+                "train_rows": len(s.keys["train"]),
+                "train_images": len(set(s.keys["train"])),
+                "test_rows": len(s.keys.get("test", ())),
+                "test_responses": s.has_responses("test"),
+                "targets": s.n_targets,
+                "noise_ceiling": s.noise_ceiling() is not None,
+                "rois": list(s.rois()),
+            }
+            for name, s in ds.subjects.items()
+        },
+    }
 
 
 def verify_images(paths: Sequence[Path], workers: int = 8) -> None:

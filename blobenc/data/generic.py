@@ -39,7 +39,7 @@ from blobenc.data.base import (
     read_prediction_file,
     write_array,
 )
-from blobenc.errors import DataError
+from blobenc.errors import DataError, PredictionError
 
 logger = logging.getLogger(__name__)
 
@@ -466,8 +466,6 @@ class GenericDataset(DatasetBase):
     def read_predictions(self, out: Path, subject: str, split: str = "test") -> np.ndarray:
         s = self.subjects[subject]
         if split not in s.keys:
-            from blobenc.errors import PredictionError
-
             raise PredictionError(f"{s.path}: no {split}.csv, so no {split} rows to score")
         folder = Path(out) / subject
         pred = read_prediction_file(folder / f"pred_{split}.npy", (len(s.keys[split]), s.n_targets), "rows x targets")
@@ -476,8 +474,6 @@ class GenericDataset(DatasetBase):
             with table.open(newline="", encoding="utf-8") as f:
                 got = [row[0] if row else "" for row in list(csv.reader(f))[1:]]
             if tuple(got) != s.keys[split]:
-                from blobenc.errors import PredictionError
-
                 bad = next(
                     (i for i, (a, b) in enumerate(zip(got, s.keys[split], strict=False)) if a != b),
                     min(len(got), len(s.keys[split])),
