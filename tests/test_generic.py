@@ -524,3 +524,27 @@ def test_finetune_config_refuses_keys_it_ignores():
     with pytest.raises(ConfigError, match=r"min_lr_fraction=1.5: expected a fraction in \[0, 1\]"):
         load_config(None, ["min_lr_fraction=1.5"])
     assert load_config(None, ["min_lr_fraction=1"]).min_lr_fraction == 1
+
+
+def test_algonauts_without_noise_ceiling_scores_r(data_copy, tmp_path):
+    """Algonauts test fMRI without ceiling files: evaluate gives r and R², the same r as with them."""
+    ds = AlgonautsDataset(data_copy)
+    rng = np.random.default_rng(0)
+    for name, s in ds.subjects.items():
+        y = s.responses("test")
+        ds.write_predictions(tmp_path / "pred", name, (y + rng.normal(size=y.shape)).astype(np.float32))
+    with_nc = runner.invoke(
+        app, ["evaluate", str(tmp_path / "pred"), "--data", str(data_copy), "--json", str(tmp_path / "a.json")]
+    )
+    for p in data_copy.glob("subj*/test_split/noise_ceiling/*.npy"):
+        p.unlink()
+    without = runner.invoke(
+        app, ["evaluate", str(tmp_path / "pred"), "--data", str(data_copy), "--json", str(tmp_path / "b.json")]
+    )
+    assert with_nc.exit_code == without.exit_code == 0, without.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["score"] > 0 and b["score"] is None and b["subjects"]["subj01"]["n_zero_nc"] is None
+    assert (
+        b["median_r"] == a["median_r"] and b["subjects"]["subj02"]["median_r2"] == a["subjects"]["subj02"]["median_r2"]
+    )
+    assert set(b["subjects"]["subj01"]["rois"]["prf-visualrois"]["V1v"]) == {"lh", "rh"}
