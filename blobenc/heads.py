@@ -152,10 +152,32 @@ class GroupLinearEncoder(nn.Module):
         """Group-space predictions (B, V); with `latent`, the (B, P) vector the frozen embedding maps."""
         h = self.hidden(feats)
         z = self.shared_proj(h) + self.subj_proj(h, subject)
-        if latent:
-            return z
+        return z if latent else self.decode(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Group-space predictions (B, V) of latents z (B, P): the frozen embedding."""
         out = self.embed(z)
         return out + self.embed.bias if self.reference_bias_twice else out
+
+
+class HeadEnsemble(nn.Module):
+    """Heads that share one frozen embedding (members of one run), averaged: the mean of their
+    latents, embedded once, which is the mean of their predictions since the embedding is linear.
+    Member m reads the inputs at `layer_idx[m]`."""
+
+    def __init__(self, members: Sequence[GroupLinearEncoder], layer_idx: Sequence[Sequence[int]]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.layer_idx = [list(i) for i in layer_idx]
+
+    def forward(self, feats: Sequence[torch.Tensor], subject: torch.Tensor, latent: bool = False) -> torch.Tensor:
+        z = torch.stack(
+            [
+                m([feats[i] for i in idx], subject, latent=True)
+                for m, idx in zip(self.members, self.layer_idx, strict=True)
+            ]
+        ).mean(0)
+        return z if latent else self.members[0].decode(z)
 
 
 @register_head

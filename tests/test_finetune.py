@@ -59,7 +59,16 @@ def test_only_attention_blocks_and_head_change(head_run, tmp_path):
     assert frozen and not changed & set(frozen)  # every frozen parameter bit-identical
     head_changed = {k for k, v in before_head.items() if not torch.equal(v, after[f"head.{k}"])}
     assert "shared_proj.weight" in head_changed
-    assert not head_changed & {"embed.weight", "embed.bias"}  # the PCA embedding stays frozen
+    # the frozen PCA embedding is in no checkpoint: the finetune run holds its own copy of the PCA, once
+    assert not any("embed." in k for k in before_head) and "head.embed.weight" not in after
+    assert json.loads((tmp_path / "ft" / "model.json").read_text())["pca"] == "pca.safetensors"
+    assert (tmp_path / "ft" / "pca.safetensors").read_bytes() == (run / "pca.safetensors").read_bytes()
+    from blobenc.run import load_model
+
+    head, _ = load_model(run)
+    tuned, _ = load_model(tmp_path / "ft", which="last")
+    torch.testing.assert_close(tuned.head.embed.weight, head.embed.weight, rtol=0, atol=0)
+    torch.testing.assert_close(tuned.head.embed.bias, head.embed.bias, rtol=0, atol=0)
 
 
 def test_freeze_patterns_and_bad_pattern(head_run):

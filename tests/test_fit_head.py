@@ -278,32 +278,241 @@ def test_sweep_trials_equal_solo_runs(small_cache, train_data, tmp_path):
     assert resolve_run(tmp_path / "sweep") == tmp_path / "sweep" / sweep["best"]
 
 
-def test_resume_equals_uninterrupted(small_cache, train_data, tmp_path, monkeypatch):
-    config = [cfg(epochs=4)]
+def _same_weights(a_path, b_path):
+    a, b = load_file(a_path), load_file(b_path)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def load_file_meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def _interrupt_at(monkeypatch, step: int, raw: bool = False):
+    """Interrupt training at optimizer step `step`: a Ctrl-C (SIGINT, which the loop defers to the
+    end of the batch) or, with `raw`, a KeyboardInterrupt raised inside the step itself."""
+    import signal
+
+    real = fit_mod.train_step
+    calls = {"n": 0}
+
+    def step_then_interrupt(*args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            if raw:
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(fit_mod, "train_step", step_then_interrupt)
+
+
+def test_resume_after_ctrl_c_mid_epoch_equals_uninterrupted(small_cache, train_data, tmp_path, monkeypatch):
+    config = [cfg(epochs=4)]  # 6 batches an epoch
     fit_head(small_cache, train_data, tmp_path / "whole", config, progress=False)
-
-    real_end = fit_mod._end_epoch
-
-    def end_then_crash(trial, tdir, epoch, *args):
-        real_end(trial, tdir, epoch, *args)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(fit_mod, "_end_epoch", end_then_crash)
+    _interrupt_at(monkeypatch, 9)  # epoch 1 after 3 of its batches; no periodic checkpoint before it
     with pytest.raises(KeyboardInterrupt):
-        fit_head(small_cache, train_data, tmp_path / "cut", config, progress=False)
-    monkeypatch.setattr(fit_mod, "_end_epoch", real_end)
+        fit_head(small_cache, train_data, tmp_path / "cut", config, checkpoint_minutes=60, progress=False)
+    monkeypatch.undo()
+    state = json.loads(load_file_meta(tmp_path / "cut" / "state.safetensors")["batch"])
+    assert state == 3 and not (tmp_path / "cut" / "val_vertex.safetensors").exists()
     with pytest.raises(ConfigError, match="exists and is not empty; use --resume"):
         fit_head(small_cache, train_data, tmp_path / "cut", config, progress=False)
     with pytest.raises(ConfigError, match="--resume with other settings"):
         fit_head(small_cache, train_data, tmp_path / "cut", [cfg(epochs=5)], resume=True, progress=False)
     fit_head(small_cache, train_data, tmp_path / "cut", config, resume=True, progress=False)
     for name in ("last.safetensors", "best.safetensors"):
-        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        _same_weights(tmp_path / "whole" / name, tmp_path / "cut" / name)
+    whole, cut = (
+        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("whole", "cut")
+    )
+    assert [m["epoch"] for m in cut] == [0, 1, 2, 3]
+    for a, b in zip(whole, cut, strict=True):  # the interrupted epoch's loss counts the batches of both halves
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val"]["median_r2"] == pytest.approx(b["val"]["median_r2"], abs=1e-5)
+
+
+def test_resume_after_a_kill_inside_a_step_goes_on_from_the_last_checkpoint(
+    small_cache, train_data, tmp_path, monkeypatch
+):
+    config = [cfg(epochs=3)]
+    fit_head(small_cache, train_data, tmp_path / "whole", config, progress=False)
+    _interrupt_at(monkeypatch, 10, raw=True)  # inside epoch 2: its state is not written half-stepped
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(small_cache, train_data, tmp_path / "cut", config, checkpoint_minutes=0, progress=False)
+    monkeypatch.undo()
+    fit_head(small_cache, train_data, tmp_path / "cut", config, resume=True, progress=False)
+    _same_weights(tmp_path / "whole" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_run_folder_holds_the_embedding_once(small_cache, train_data, tmp_path):
+    from blobenc.run import load_model
+
+    grid = sweep_configs(cfg(epochs=2), ["lr=1e-3,3e-3"])
+    fit_head(small_cache, train_data, tmp_path / "sweep", grid, checkpoint_minutes=0, progress=False)
+    pca = GroupPCA.load(tmp_path / "sweep" / "pca.safetensors")
+    for trial in ("trial-00", "trial-01"):
+        tdir = tmp_path / "sweep" / trial
+        assert not (tdir / "pca.safetensors").exists()
+        assert json.loads((tdir / "model.json").read_text())["pca"] == "../pca.safetensors"
+        for name in ("best", "last", "state"):
+            assert not any("embed" in k for k in load_file(tdir / f"{name}.safetensors")), name
+        lines = [json.loads(line) for line in (tdir / "metrics.jsonl").read_text().splitlines()]
+        assert all(m["bytes_written"] > 0 and m["seconds"] > 0 and m["samples_per_s"] > 0 for m in lines)
+    model, spec = load_model(tmp_path / "sweep")
+    torch.testing.assert_close(model.embed.weight, torch.from_numpy(pca.components_).T, rtol=0, atol=0)
+    torch.testing.assert_close(model.embed.bias, torch.from_numpy(pca.mean_), rtol=0, atol=0)
+    # the rebuilt model predicts as the one trained: its best weights plus the run's PCA
+    ref = create_head(spec["head"], **spec["kwargs"])
+    ref.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
+    ref.load_state_dict(load_file(resolve_run(tmp_path / "sweep") / "best.safetensors"), strict=False)
+    feats = [torch.randn(3, *s) for s in spec["kwargs"]["layer_shapes"]]
+    with torch.no_grad():
+        torch.testing.assert_close(model(feats, torch.tensor([0, 1, 2])), ref.eval()(feats, torch.tensor([0, 1, 2])))
+    # the default policy: checkpoints at the end only (short run), the best weights kept in memory until then
+    fit_head(small_cache, train_data, tmp_path / "one", [cfg(epochs=3)], progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["bytes_written"] > 0 for m in lines] == [False, False, True]
+
+
+@pytest.mark.parametrize("n_train", [40, 430, 1_700, 9_000, 75_000, 300_000])
+def test_schedule_derives_from_the_training_samples(n_train):
+    from blobenc.train import config as c
+
+    got = c.resolve_schedule(HeadConfig(), n_train)
+    steps_per_epoch = -(-n_train // got.batch_size)
+    steps = got.epochs * steps_per_epoch
+    assert got.batch_size & (got.batch_size - 1) == 0 and got.batch_size <= max(n_train // 2, 2)
+    assert c.MIN_BATCH <= got.batch_size <= 512 or got.batch_size <= n_train // 2
+    assert steps >= c.MIN_STEPS - steps_per_epoch / 2  # enough steps to converge at small n
+    assert got.proj_dim % 64 == 0 and c.MIN_PROJ <= got.proj_dim <= min(2048, max(64, n_train // 4))
+    if n_train >= 75_000:  # the reference's schedule and PCA at its scale: 40 epochs of 512, P 2048
+        assert (got.batch_size, got.epochs, got.proj_dim) == (512, 40, 2048)
+    # values a config gives stand; only the missing one is derived
+    assert c.resolve_schedule(HeadConfig(epochs=3), n_train).epochs == 3
+    assert c.resolve_schedule(HeadConfig(batch_size=16), n_train).batch_size == 16
+    given = HeadConfig(epochs=2, batch_size=8, proj_dim=32)
+    assert c.resolve_schedule(given, n_train) == given
+
+
+def test_derived_schedule_is_recorded(small_cache, train_data, tmp_path):
+    from blobenc.train.config import default_batch_size
+
+    fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=2, batch_size=None)], progress=False)
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["configs"][0]["batch_size"] is None  # what was asked, which --resume compares
+    resolved = run["resolved"][0]
+    assert resolved["batch_size"] == default_batch_size(run["train_samples"]) and resolved["epochs"] == 2
+    assert yaml_load(tmp_path / "r" / "config.yaml")["batch_size"] == resolved["batch_size"]
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_early_stopping_restores_the_best_weights(small_cache, train_data, tmp_path, monkeypatch):
+    scripted = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])  # best at epoch 1, then 2 epochs without a better one
+    weights = {}
+    real_evaluate, real_predictions = fit_mod._evaluate, fit_mod._val_predictions
+
+    def evaluate(trials, *args):
+        out = real_evaluate(trials, *args)
+        epoch = sum(isinstance(k, int) for k in weights)
+        weights[epoch] = {k: v.clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
+        return [v | {"median_r2": next(scripted)} for v in out]
+
+    def predictions(trials, *args):  # the last call: the best trial's tables at the end of the run
+        weights["final"] = {k: v.clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
+        return real_predictions(trials, *args)
+
+    monkeypatch.setattr(fit_mod, "_evaluate", evaluate)
+    monkeypatch.setattr(fit_mod, "_val_predictions", predictions)
+    summary = fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=8, patience=2)], progress=False)
+    assert summary["best_epoch"] == 1 and summary["trials"][0]["epochs"] == 4
+    assert "early stop after epoch 3" in summary["trials"][0]["stopped"]
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
+    best = load_file(tmp_path / "r" / "best.safetensors")
+    for k, v in weights[1].items():  # the best epoch's weights: in the file and in the model at the end
+        torch.testing.assert_close(best[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(weights["final"][k], v, rtol=0, atol=0)
+    assert any(not torch.equal(weights[3][k], v) for k, v in weights[1].items())
+
+
+def test_halving_stops_the_worse_half_and_the_survivor_trains_as_alone(small_cache, train_data, tmp_path):
+    grid = sweep_configs(cfg(epochs=4), ["lr=3e-4,1e-3,3e-3,1e-2"])
+    summary = fit_head(small_cache, train_data, tmp_path / "h", grid, halving=2, progress=False)
+    assert fit_mod.halving_rungs(4, 4) == {0: 1, 1: 1}  # keep 2 after epoch 0, then 1 after epoch 1
+    curves = {}
+    for k in range(4):
+        lines = (tmp_path / "h" / f"trial-{k:02d}" / "metrics.jsonl").read_text().splitlines()
+        curves[k] = [json.loads(line)["val"]["median_r2"] for line in lines]
+    after_0 = sorted(range(4), key=lambda k: -curves[k][0])[:2]  # the best 2 by epoch 0
+    after_1 = max(after_0, key=lambda k: max(curves[k][:2]))
+    assert {k for k in range(4) if len(curves[k]) == 1} == set(range(4)) - set(after_0)
+    assert {k for k in range(4) if len(curves[k]) == 2} == set(after_0) - {after_1}
+    assert len(curves[after_1]) == 4
+    rows = {r["dir"]: r for r in summary["trials"]}
+    assert all(rows[f"trial-{k:02d}"]["stopped"].startswith("halving") for k in range(4) if k != after_1)
+    steps = [r["steps"] for r in summary["trials"]]
+    assert sum(steps) <= 2.5 * max(steps)  # 4 configs: (1 + 1/2 + 1/2 x 2/4 ...) of one trial's steps
+    solo = fit_head(small_cache, train_data, tmp_path / "solo", [grid[after_1]], progress=False)
+    _same_weights(tmp_path / "h" / f"trial-{after_1:02d}" / "last.safetensors", tmp_path / "solo" / "last.safetensors")
+    assert solo["trials"][0]["median_r2"] == pytest.approx(rows[f"trial-{after_1:02d}"]["median_r2"], abs=1e-6)
+
+
+def test_search_draws_configs_over_the_space():
+    from blobenc.train.config import search_configs
+
+    configs, space = search_configs(cfg(), ["lr=1e-4:1e-2", "hidden_dim=16,32"], 8)
+    assert len({c.lr for c in configs}) == 8 and {c.hidden_dim for c in configs} <= {16, 32}
+    assert all(1e-4 <= c.lr <= 1e-2 for c in configs) and space["lr"].log
+    again, _ = search_configs(cfg(), ["lr=1e-4:1e-2", "hidden_dim=16,32"], 8)
+    assert again == configs  # seeded by the config's seed
+    with pytest.raises(ConfigError, match="--sweep seed: not a searchable key"):
+        search_configs(cfg(), ["seed=1:3"], 2)
+
+
+def test_ensemble_predicts_the_mean_of_its_members(small_cache, train_data, tmp_path):
+    from blobenc.heads import HeadEnsemble
+    from blobenc.run import load_model
+
+    summary = fit_head(small_cache, train_data, tmp_path / "e", [cfg(epochs=2)], ensemble=3, progress=False)
+    members = json.loads((tmp_path / "e" / "ensemble.json").read_text())["members"]
+    assert sorted(members) == ["trial-00", "trial-01", "trial-02"] and "median_r2" in summary["ensemble"]["val"]
+    seeds = [yaml_load(tmp_path / "e" / m / "config.yaml")["init_seed"] for m in sorted(members)]
+    assert seeds == [0, 1, 2]
+    model, spec = load_model(tmp_path / "e")
+    assert isinstance(model, HeadEnsemble) and spec["ensemble"] == members
+    feats = [torch.randn(4, *s) for s in spec["kwargs"]["layer_shapes"]]
+    subject = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        got = model(feats, subject)
+        each = [load_model(tmp_path / "e" / m)[0](feats, subject) for m in members]
+    torch.testing.assert_close(got, torch.stack(each).mean(0), rtol=1e-5, atol=1e-5)
+    # a sweep's best 2, by validation score
+    grid = sweep_configs(cfg(epochs=2), ["lr=3e-4,1e-3,3e-3"])
+    summary = fit_head(small_cache, train_data, tmp_path / "s", grid, ensemble=2, progress=False)
+    assert summary["ensemble"]["members"] == [r["dir"] for r in summary["trials"][:2]]
+
+
+def test_closed_form_start(small_cache, train_data, tmp_path):
+    grid = sweep_configs(cfg(epochs=1, lr=1e-5), ["init=random,ridge,pca-ridge"])
+    summary = fit_head(small_cache, train_data, tmp_path / "i", grid, progress=False)
+    scores = {r["config"]["init"]: r["median_r2"] for r in summary["trials"]}
+    # barely trained (lr 1e-5): the closed-form starts are far ahead of the random one
+    assert scores["ridge"] > scores["random"] + 0.05 and scores["pca-ridge"] > scores["random"] + 0.05
+    spec = json.loads((tmp_path / "i" / "trial-01" / "model.json").read_text())
+    assert spec["start"]["val_loss"] <= spec["start"]["shared_val_loss"] + 1e-6
 
 
 def test_fit_head_bad_inputs(small_cache, train_data, tmp_path):

@@ -26,6 +26,14 @@ from blobenc.cli._common import (
 )
 from blobenc.cli.data import roi_table, score_table
 
+CheckpointMinutesOpt = Annotated[
+    float,
+    typer.Option(
+        "--checkpoint-minutes",
+        help="Write the last weights and training state (for --resume) this often; also at the end and on Ctrl-C.",
+    ),
+]
+
 
 def runtime_overrides(device: str, precision: str) -> list[str]:
     """--device/--precision as config overrides, only when given: a config file's values stand otherwise."""
@@ -50,11 +58,28 @@ def fit_head_command(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     sweep: Annotated[
-        list[str] | None, typer.Option("--sweep", help="key=v1,v2,... repeatable: every combination, one pass.")
+        list[str] | None,
+        typer.Option(
+            "--sweep", help="key=v1,v2,... repeatable: every combination, one pass (with --search: key=lo:hi too)."
+        ),
+    ] = None,
+    search: Annotated[
+        int | None,
+        typer.Option("--search", help="Draw N configs over the --sweep keys (quasi-random) instead of the grid."),
+    ] = None,
+    halving: Annotated[
+        bool, typer.Option("--halving", help="Successive halving: the worse half stops at each rung.")
+    ] = False,
+    ensemble: Annotated[
+        int | None,
+        typer.Option("--ensemble", help="K heads averaged at prediction: K seeds of one config, or a sweep's best K."),
     ] = None,
     pca: Annotated[Path | None, typer.Option("--pca", help="Reuse a group PCA file instead of fitting one.")] = None,
-    pca_components: Annotated[int | None, typer.Option(help="PCA components (= proj_dim; default 2048).")] = None,
+    pca_components: Annotated[
+        int | None, typer.Option(help="PCA components (= proj_dim; default: from the training samples, 2048 at most).")
+    ] = None,
     resume: ResumeOpt = False,
+    checkpoint_minutes: CheckpointMinutesOpt = 10.0,
     max_memory: Annotated[
         str | None, typer.Option(help="Memory for features, e.g. 8G; beyond it they stream from the cache.")
     ] = None,
@@ -63,7 +88,7 @@ def fit_head_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit the group PCA and train the multi-subject head from a feature cache (phase 1)."""
-    from blobenc.train.config import load_config, sweep_configs
+    from blobenc.train.config import load_config, search_configs, sweep_configs
     from blobenc.train.fit import fit_head
 
     setup_logging(quiet, out / "log.txt")
@@ -72,7 +97,10 @@ def fit_head_command(
         if pca_components is not None:
             overrides.append(f"proj_dim={pca_components}")
         base = load_config(config, overrides)
-        configs = sweep_configs(base, sweep or []) if sweep else [base]
+        if search:
+            configs, _ = search_configs(base, sweep or [], search)
+        else:
+            configs = sweep_configs(base, sweep or []) if sweep else [base]
         summary = fit_head(
             cache,
             data,
@@ -81,6 +109,9 @@ def fit_head_command(
             pca_path=pca,
             resume=resume,
             max_memory=parse_bytes(max_memory),
+            checkpoint_minutes=checkpoint_minutes,
+            halving=2 if halving else None,
+            ensemble=ensemble,
             progress=not quiet,
         )
     if quiet or summary is None:  # under torchrun only rank 0 reports
@@ -89,14 +120,25 @@ def fit_head_command(
     for col in ("trial", "best epoch", "median R²", "swept"):
         table.add_column(col, justify="right")
     swept = {k for item in sweep or [] for k in [item.partition("=")[0].strip()]}
+    if search and not sweep:
+        swept = {"lr", "weight_decay", "dropout"}
     for row in summary["trials"]:
-        cfg = ", ".join(f"{k}={row['config'][k]}" for k in sorted(swept))
-        status = f"{row['median_r2']:.4f}" + (" (stopped)" if row["failed"] else "")
+        cfg = ", ".join(f"{k}={_short(row['config'][k])}" for k in sorted(swept))
+        status = f"{row['median_r2']:.4f}" + (" (failed)" if row["failed"] else "")
+        if row.get("stopped"):
+            status += " (halved)" if row["stopped"].startswith("halving") else " (early stop)"
         table.add_row(row["dir"], str(row["best_epoch"]), status, cfg)
     console.print(table)
+    if "ensemble" in summary:
+        e = summary["ensemble"]
+        console.print(f"ensemble of {', '.join(e['members'])}: validation median R² {e['val']['median_r2']:.4f}")
     console.print(validation_table(summary, f"best: {summary['trial']}, epoch {summary['best_epoch']}"))
     console.print(roi_table(summary["val_rois"], "validation R² per ROI (best trial), mean over subjects", "{:.4f}"))
     console.print(f"{summary['samples_per_s']:.0f} samples/s per pass, {summary['seconds']:.1f} s")
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def parse_bytes(text: str | None) -> int | None:
@@ -222,6 +264,7 @@ def finetune_command(
     ] = None,
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute trunk activations in backward.")] = False,
     resume: ResumeOpt = False,
+    checkpoint_minutes: CheckpointMinutesOpt = 10.0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     quiet: QuietOpt = False,
@@ -240,7 +283,9 @@ def finetune_command(
         if grad_checkpointing:
             overrides.append("grad_checkpointing=true")
         cfg = load_config(config, overrides, cls=FinetuneConfig)
-        summary = finetune(run, data, out, cfg, resume=resume, progress=not quiet)
+        summary = finetune(
+            run, data, out, cfg, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=not quiet
+        )
     if quiet or summary is None:
         return
     console.print(validation_table(summary, f"finetune {out}: best epoch {summary['best_epoch']}"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
@@ -17,31 +19,37 @@ from blobenc.errors import ConfigError
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Phase-1 defaults are the reference configuration (SPEC)."""
+    """Phase-1 defaults: the reference configuration (SPEC), except where measurements at small
+    data sizes said otherwise (docs/fit-head.md). `epochs` and `batch_size` left None are derived
+    from the number of training samples (`resolve_schedule`)."""
 
     head: str = "group_linear"
     layers: tuple[str, ...] | None = None  # a subset of the cache's layers; None = all of them
-    epochs: int = 40
-    batch_size: int = 512
+    epochs: int | None = None  # None: from the training samples (40 at the reference's ~75k)
+    batch_size: int | None = None  # None: from the training samples (512 at the reference's ~75k)
     lr: float = 6e-4
     weight_decay: float = 0.8
     dropout: float = 0.9
     hidden_dim: int = 1024
-    proj_dim: int = 2048  # = group-PCA components (capped by the sample count)
+    proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.05
     grad_clip: float | None = None
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    patience: int | None = None  # stop after this many epochs without a better validation score
+    init: str = "random"  # the head's start: random, ridge or pca-ridge (blobenc/train/init.py)
     val_fraction: float = 0.1
-    seed: int = 0
+    seed: int = 0  # the validation split, the data order and (unless init_seed) the head's init
+    init_seed: int | None = None  # the head's random init and dropout (None: seed); ensembles vary it
     device: str = "auto"
     precision: str = "auto"
 
     def check(self) -> None:
-        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim")
+        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience")
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: expected a positive value")
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}={value}: expected a positive value")
         for name in ("dropout", "warmup_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: expected a fraction in [0, 1)")
@@ -51,7 +59,9 @@ class HeadConfig:
             raise ConfigError(f"val_fraction={self.val_fraction}: expected a fraction in (0, 1)")
         if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip <= 0):
             raise ConfigError("weight_decay must be >= 0 and grad_clip > 0 when set")
-        if self.accumulate < 1 or self.accumulate > self.batch_size:
+        if self.init not in ("random", "ridge", "pca-ridge"):
+            raise ConfigError(f"init={self.init!r}: expected random, ridge or pca-ridge")
+        if self.accumulate < 1 or (self.batch_size is not None and self.accumulate > self.batch_size):
             raise ConfigError(f"accumulate={self.accumulate}: expected 1 to batch_size={self.batch_size}")
 
     def to_dict(self) -> dict:
@@ -73,7 +83,15 @@ class FinetuneConfig(HeadConfig):
     grad_checkpointing: bool = False
     num_workers: int | None = None
     # the head and the validation split come from the fit-head run: these keys would be ignored
-    FROM_RUN: ClassVar[tuple[str, ...]] = ("head", "layers", "hidden_dim", "proj_dim", "dropout", "val_fraction")
+    FROM_RUN: ClassVar[tuple[str, ...]] = (
+        "head",
+        "layers",
+        "hidden_dim",
+        "proj_dim",
+        "dropout",
+        "val_fraction",
+        "init",
+    )
 
     def check(self) -> None:
         super().check()
@@ -154,6 +172,56 @@ def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadCon
     return config
 
 
+# The schedule fit-head derives when a config leaves `epochs` / `batch_size` unset, chosen from
+# measurements at several data sizes (docs/fit-head.md). At the reference's scale (~75k samples)
+# it is the reference's: batch 512, 40 epochs.
+REFERENCE_BATCH = 512
+REFERENCE_EPOCHS = 40
+BATCH_FRACTION = 1 / 32  # batch: this fraction of the training samples, as a power of 2...
+MIN_BATCH = 32  # ...in [MIN_BATCH, REFERENCE_BATCH]
+MIN_STEPS = 1000  # optimizer steps of a run at least: small data needs many epochs to converge
+REFERENCE_PROJ = 2048
+PROJ_FRACTION = 1 / 4  # group-PCA components: this fraction of the training samples, in multiples of 64...
+MIN_PROJ = 64  # ...in [MIN_PROJ, REFERENCE_PROJ]
+
+
+def default_batch_size(n_train: int) -> int:
+    """A power of 2 near BATCH_FRACTION of the training samples, in [MIN_BATCH, REFERENCE_BATCH]
+    (and at most half the samples, so that an epoch is at least two steps)."""
+    target = min(max(n_train * BATCH_FRACTION, MIN_BATCH), REFERENCE_BATCH, max(n_train // 2, 2))
+    return 1 << math.floor(math.log2(target))
+
+
+def default_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs for max(MIN_STEPS, the reference's steps at this size: 40 epochs of batch 512) steps."""
+    steps = max(MIN_STEPS, REFERENCE_EPOCHS * math.ceil(n_train / REFERENCE_BATCH))
+    return max(1, round(steps / math.ceil(n_train / batch_size)))
+
+
+def default_proj_dim(n_train: int) -> int:
+    """Group-PCA components: PROJ_FRACTION of the training samples (a multiple of 64), in
+    [MIN_PROJ, REFERENCE_PROJ]. With few samples the trailing components are noise the head would
+    fit; the reference's 2048 is reached at ~8k samples."""
+    return int(min(REFERENCE_PROJ, max(MIN_PROJ, n_train * PROJ_FRACTION // 64 * 64)))
+
+
+def resolve_schedule(config: HeadConfig, n_train: int) -> HeadConfig:
+    """`config` with what depends on the data size filled in from `n_train` training samples where
+    it is None: `batch_size`, `epochs` (the schedule) and `proj_dim`. Values a config file or --set
+    gave stand."""
+    if n_train < 2:
+        raise ConfigError(f"{n_train} training samples: at least 2 are needed")
+    batch = config.batch_size or default_batch_size(n_train)
+    resolved = replace(
+        config,
+        batch_size=batch,
+        epochs=config.epochs or default_epochs(n_train, batch),
+        proj_dim=config.proj_dim or default_proj_dim(n_train),
+    )
+    resolved.check()
+    return resolved
+
+
 def sweep_configs(base: HeadConfig, sweeps: list[str]) -> list[HeadConfig]:
     """The Cartesian product of `key=v1,v2,...` grids over `base`."""
     grid: dict[str, list] = {}
@@ -176,3 +244,55 @@ def sweep_configs(base: HeadConfig, sweeps: list[str]) -> list[HeadConfig]:
     for c in configs:
         c.check()
     return configs
+
+
+# What `--search N` samples when no --sweep gives the space: around the defaults, log scales
+SEARCH_SPACE = ("lr=1e-4:3e-3", "weight_decay=0.01:1", "dropout=0.1:0.9")
+
+
+def search_configs(base: HeadConfig, space: list[str], n: int) -> tuple[list[HeadConfig], dict]:
+    """`n` configs drawn over `space` (`key=lo:hi` a range, log-scaled when lo > 0 and hi/lo >= 10;
+    `key=v1,v2,...` a choice; default SEARCH_SPACE) by optuna's quasi-random (Sobol) sampler, seeded
+    by `base.seed`: spread evenly, all chosen up front, as a one-pass search needs. Returns the
+    configs and the optuna distributions they were drawn from."""
+    import optuna
+
+    if n < 1:
+        raise ConfigError(f"--search {n}: expected at least 1 config")
+    distributions = {}
+    for item in space or SEARCH_SPACE:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not text:
+            raise ConfigError(f"--sweep {item!r}: expected key=lo:hi or key=v1,v2,...")
+        if key in NOT_SWEEPABLE or key not in FIELDS:
+            searchable = ", ".join(k for k in FIELDS if k not in NOT_SWEEPABLE)
+            raise ConfigError(f"--sweep {key}: not a searchable key; searchable: {searchable}")
+        if ":" in text:
+            lo, hi = (_coerce(key, parse_value(v)) for v in text.split(":", 1))
+            if not isinstance(lo, (int, float)) or not lo < hi:
+                raise ConfigError(f"--sweep {item!r}: a range needs numbers lo < hi")
+            log = lo > 0 and hi / lo >= 10
+            dist = (
+                optuna.distributions.IntDistribution if isinstance(lo, int) else optuna.distributions.FloatDistribution
+            )
+            distributions[key] = dist(lo, hi, log=log)
+        else:
+            choices = [tuple(v.split("+")) if key == "layers" else parse_value(v) for v in text.split(",")]
+            distributions[key] = optuna.distributions.CategoricalDistribution(
+                [_coerce(key, v) for v in choices] if key != "layers" else ["+".join(c) for c in choices]
+            )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.QMCSampler(seed=base.seed, scramble=True)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    configs = []
+    for _ in range(n):
+        params = study.ask(distributions).params
+        if "layers" in params:
+            params["layers"] = tuple(params["layers"].split("+"))
+        config = replace(base, **params)
+        config.check()
+        configs.append(config)
+    return configs, distributions

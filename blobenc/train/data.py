@@ -303,17 +303,24 @@ class HeadData(SplitTargets):
             views = view_rng.integers(0, self.features.views, len(idx))
         return self.features.gather(self.sets[part].feature_row[idx], views)
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
-        """One shuffled epoch of (features, subject, r, q) batches; the order depends on (seed, epoch)."""
+    def train_batches(
+        self, batch_size: int, seed: int, epoch: int, min_last: int = 2, start: int = 0
+    ) -> Iterator[tuple]:
+        """One shuffled epoch of (features, subject, r, q) batches; the order depends on (seed, epoch).
+        `start` skips the epoch's first batches (a resume mid-epoch): the rest are as they would be."""
         view_rng = np.random.default_rng([seed, epoch, 1])
         if self.stream is None:
-            for idx in epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last):
-                yield self.training_batch(idx, self.features_of("train", idx, view_rng))
+            for b, idx in enumerate(epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last)):
+                if b >= start:
+                    yield self.training_batch(idx, self.features_of("train", idx, view_rng))
+                elif self.features.views > 1:
+                    view_rng.integers(0, self.features.views, len(idx))  # the draws the skipped batch made
             return
         rows = self.cache_rows[self.sets["train"].feature_row]
         rng = np.random.default_rng([seed, epoch])
-        for idx, feats in self.stream.batches(rows, batch_size, rng, view_rng, min_last):
-            yield self.training_batch(idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
+        for b, (idx, feats) in enumerate(self.stream.batches(rows, batch_size, rng, view_rng, min_last)):
+            if b >= start:  # streamed: the skipped chunks are read again to replay the shuffle
+                yield self.training_batch(idx, [torch.from_numpy(f).to(self.device).float() for f in feats])
 
     def val_batches(self, batch_size: int) -> Iterator[tuple]:
         """(sample indices, features, subject) over the validation samples, view 0."""

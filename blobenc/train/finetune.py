@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,16 @@ from blobenc.features.trunk import (
     weights_fingerprint,
 )
 from blobenc.heads import create_head
-from blobenc.train.checkpoint import RUN_FORMAT, load_weights, read_json, resolve_run, write_json
+from blobenc.train.checkpoint import (
+    PCA_FILE,
+    RUN_FORMAT,
+    load_state,
+    load_weights,
+    pca_path,
+    read_json,
+    resolve_run,
+    write_json,
+)
 from blobenc.train.config import FinetuneConfig
 from blobenc.train.data import SplitTargets
 from blobenc.train.fit import add_trial, start_run, total_steps, train_trials
@@ -136,8 +146,10 @@ class ImageData(SplitTargets):
                 raise DataError(f"{bad[0]}; the last finished epoch is kept: fix the file and rerun with --resume")
             yield x
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, min_last: int = 2) -> Iterator[tuple]:
-        batches = list(epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last))
+    def train_batches(
+        self, batch_size: int, seed: int, epoch: int, min_last: int = 2, start: int = 0
+    ) -> Iterator[tuple]:
+        batches = list(epoch_batches(len(self.sets["train"]), batch_size, seed, epoch, min_last))[start:]
         for idx, x in zip(batches, self._loader("train", self.augment, batches, seed, epoch), strict=True):
             yield self.training_batch(idx, [x.to(self.device, non_blocking=True)])
 
@@ -155,6 +167,7 @@ def finetune(
     config: FinetuneConfig,
     *,
     resume: bool = False,
+    checkpoint_minutes: float = 10.0,
     progress: bool = True,
 ) -> dict | None:
     """Fine-tune a fit-head run's trunk (attention blocks by default) and head end to end."""
@@ -169,7 +182,7 @@ def finetune(
     verify_images([p for s in dataset.subjects.values() for p in s.images["train"]])  # before anything is written
     device, amp, distributed, main = start_run(out, [config], resume, config)
     encoder = build_encoder(spec)
-    encoder.head.load_state_dict(load_weights(source / "best.safetensors"))
+    load_state(encoder.head, load_weights(source / "best.safetensors"), pca_path(source, spec))
     n_trainable = set_trainable(encoder, config.unfreeze, config.freeze)
     logger.info("trainable parameters: %d of %d", n_trainable, sum(p.numel() for p in encoder.parameters()))
     if config.grad_checkpointing:
@@ -183,6 +196,10 @@ def finetune(
     data = ImageData(dataset, split, spec["features"]["preprocessing"], config, device)
     data.embed(*encoder.head.embedding())
     new_spec = spec | {"finetuned": True, "finetune": {"from": str(source), "trainable_parameters": n_trainable}}
+    if spec.get("pca"):  # the embedding lives in the PCA file: the new run gets its own copy, once
+        new_spec["pca"] = PCA_FILE
+        if main and not (resume and (out / PCA_FILE).is_file()):
+            shutil.copyfile(pca_path(source, spec), out / PCA_FILE)
     if main:
         write_json(
             out / "run.json",
@@ -208,7 +225,7 @@ def finetune(
         distributed,
         main,
     )
-    summary = train_trials(out, trials, data, config, device, amp, resume, progress, "finetune")
+    summary = train_trials(out, trials, data, config, device, amp, resume, progress, "finetune", checkpoint_minutes)
     if summary is not None:
         summary["trainable_parameters"] = n_trainable
     return summary

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +27,23 @@ from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
 from blobenc.scoring import pearson_r, r2_score
 from blobenc.train.checkpoint import (
+    PCA_FILE,
     RUN_FORMAT,
     load_optimizer_state,
+    load_state,
     load_weights,
     optimizer_state,
     read_json,
     save_weights,
+    trained_state,
     write_json,
 )
-from blobenc.train.config import HeadConfig
+from blobenc.train.config import REFERENCE_BATCH, HeadConfig, resolve_schedule
 from blobenc.train.data import HeadData
+from blobenc.train.init import closed_form_start
 from blobenc.train.loop import (
     Trial,
+    head_seed,
     pooled_r2,
     predict_group,
     steps_per_epoch,
@@ -54,11 +62,14 @@ def _trial_dir(out: Path, k: int, n: int) -> Path:
     return out if n == 1 else out / f"trial-{k:02d}"
 
 
-def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_components: int) -> dict:
+def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_components: int, pca: str) -> dict:
+    """model.json: everything to rebuild the head; `pca` is the run's PCA file relative to the
+    trial folder, which the checkpoints take their frozen embedding from."""
     layers = list(cfg.layers or data.layers)
     return {
         "format": RUN_FORMAT,
         "head": cfg.head,
+        "pca": pca,
         "kwargs": {
             "layer_shapes": [data.layer_shapes[data.layers.index(n)] for n in layers],
             "n_subjects": len(data.subjects),
@@ -162,11 +173,11 @@ def add_trial(
     main: bool,
 ) -> Trial:
     """Set up a trial's optimizer and schedule (DDP-wrapped under torchrun) and write its config files."""
-    trial = Trial(name, cfg, model, layer_idx)
+    trial = Trial(name, cfg, model, layer_idx, keep_embedding=not spec.get("pca"))
     trial.setup(total_steps)
     if distributed:  # gradients averaged across ranks; each rank trains on its slice of every batch
         trial.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        trial.rng_state = torch.Generator().manual_seed(cfg.seed + rank()).get_state()
+        trial.rng_state = torch.Generator().manual_seed(head_seed(cfg) + rank()).get_state()
     if main:
         tdir.mkdir(exist_ok=True)
         write_json(tdir / "model.json", spec)
@@ -184,13 +195,28 @@ def fit_head(
     pca_path: Path | str | None = None,
     resume: bool = False,
     max_memory: int | None = None,
+    checkpoint_minutes: float = 10.0,
+    halving: int | None = None,
+    ensemble: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Train every config in `configs` in one pass over the data; returns the run summary.
 
+    `halving` (a reduction factor, e.g. 2): successive halving, the worse trials stopped at each rung.
+    `ensemble` K: with one config, K heads of it with init seeds seed, seed+1, ... trained side by
+    side; with several, the best K; either way averaged at prediction (`ensemble.json`).
+
     `max_memory` (bytes): features that do not fit are streamed from the cache by chunks.
+    `checkpoint_minutes`: how often the last weights and training state are written (besides the
+    end and Ctrl-C), for --resume.
     """
     out = Path(out)
+    if ensemble is not None and ensemble < 1:
+        raise ConfigError(f"--ensemble {ensemble}: expected at least 1 member")
+    if ensemble and ensemble > 1 and len(configs) == 1:
+        configs = [replace(configs[0], init_seed=head_seed(configs[0]) + k) for k in range(ensemble)]
+    elif ensemble and ensemble > len(configs):
+        raise ConfigError(f"--ensemble {ensemble}: more members than the {len(configs)} configs trained")
     base = configs[0]
     run_file = out / "run.json"
     device, amp, distributed, main = start_run(out, configs, resume, base)
@@ -210,10 +236,13 @@ def fit_head(
         device,
         progress,
         max_memory=max_memory,
-        batch_size=base.batch_size,
+        batch_size=base.batch_size or REFERENCE_BATCH,  # the stream's shuffle buffer holds 2 batches at least
     )
+    given = configs
+    configs = [resolve_schedule(c, len(data.sets["train"])) for c in configs]  # epochs, batch from the data size
+    base = configs[0]
 
-    pca = _group_pca(out / "pca.safetensors", pca_path, resume, base, data, main)
+    pca = _group_pca(out / PCA_FILE, pca_path, resume, base, data, main)
     n_components = len(pca.components_)
     if main:
         write_json(
@@ -223,34 +252,71 @@ def fit_head(
                 "kind": "fit-head",
                 "cache": str(cache_path),
                 "data": str(data_root),
-                "configs": [c.to_dict() for c in configs],
+                "configs": [c.to_dict() for c in given],
+                "resolved": [c.to_dict() for c in configs],
+                "train_samples": len(data.sets["train"]),
                 "pca_components": n_components,
                 "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
             },
         )
 
-    trials: list = []
+    built = []
     for k, cfg in enumerate(configs):
-        spec = _model_spec(cfg, data, cache, n_components)
-        torch.manual_seed(cfg.seed)  # same init whether trained alone or in a sweep
+        tdir = _trial_dir(out, k, len(configs))
+        spec = _model_spec(cfg, data, cache, n_components, PCA_FILE if tdir == out else f"../{PCA_FILE}")
+        torch.manual_seed(head_seed(cfg))  # same init whether trained alone or in a sweep
         model = create_head(cfg.head, **spec["kwargs"])
         model.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
-        tdir = _trial_dir(out, k, len(configs))
+        built.append((tdir, cfg, spec, model.to(device), [data.layers.index(n) for n in spec["layers"]]))
+    data.embed(*built[0][3].embedding())  # every trial shares the PCA
+    starts = [None] * len(built)
+    if not resume:  # closed-form starts (config `init`): one pass over the data for every trial
+        models = [(model, idx, cfg.init) for _, cfg, _, model, idx in built]
+        starts = closed_form_start(models, data, base.batch_size, *built[0][3].embedding())
+    trials: list = []
+    for (tdir, cfg, spec, model, idx), start in zip(built, starts, strict=True):
         add_trial(
             trials,
             tdir.name if len(configs) > 1 else "run",
             tdir,
             cfg,
-            model.to(device),
-            [data.layers.index(n) for n in spec["layers"]],
-            spec,
+            model,
+            idx,
+            spec | ({"start": start} if start else {}),
             total_steps(data, base),
             device,
             distributed,
             main,
         )
-    data.embed(*trials[0][0].model.embedding())  # every trial shares the PCA
-    return train_trials(out, trials, data, base, device, amp, resume, progress, "fit-head")
+    summary = train_trials(
+        out, trials, data, base, device, amp, resume, progress, "fit-head", checkpoint_minutes, halving
+    )
+    if summary is not None and ensemble and ensemble > 1:
+        summary["ensemble"] = _ensemble(out, trials, data, base, device, amp, ensemble)
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def _ensemble(out: Path, trials: list, data, base, device, amp, k: int) -> dict:
+    """The best k trials as one model (their best weights, predictions averaged): `ensemble.json`
+    names them for load_model/predict; returns them with the ensemble's validation scores."""
+    ranked = sorted((t for t in trials if t[0].best_state is not None), key=lambda t: -t[0].best_score)[:k]
+    for trial, _ in ranked:
+        load_state(trial.model, trial.best_state)
+    preds = _val_predictions([t for t, _ in ranked], data, base.batch_size, device, amp)
+    s = data.sets["val"]
+    val = validation_scores(
+        np.mean(preds, axis=0), data.val_target, s.subject, data.subjects, data.group_index, data.group.n_vertices
+    )
+    result = {"members": [str(d.relative_to(out)) for _, d in ranked], "val": val}
+    write_json(out / "ensemble.json", result)
+    logger.info(
+        "ensemble of %d: validation median R² %.4f (best member %.4f)",
+        len(ranked),
+        val["median_r2"],
+        ranked[0][0].best_score,
+    )
+    return result
 
 
 def total_steps(data, base) -> int:
@@ -258,58 +324,254 @@ def total_steps(data, base) -> int:
     return base.epochs * steps_per_epoch(len(data.sets["train"]), base.batch_size, 2 * world_size())
 
 
-def train_trials(out: Path, trials: list, data, base, device, amp, resume: bool, progress: bool, label: str):
-    """The epoch loop every run shares: each batch fed to every trial, validation, checkpoints, summary.
+class StopRequest:
+    """Ctrl-C (SIGINT) while training sets a flag that the loop checks between batches, so the
+    state it then writes is the state after a whole batch (every trial stepped, or none). A second
+    Ctrl-C interrupts at once. Installed only in the main thread; under torchrun every rank stops
+    at the same batch."""
 
-    `data` gives train_batches(batch_size, seed, epoch, min_last) and val_batches(batch_size).
-    Returns the run summary (None on ranks other than 0 under torchrun).
+    def __enter__(self) -> StopRequest:
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> bool:
+        if world_size() > 1:
+            flag = torch.tensor([float(self.requested)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
+
+
+def train_trials(
+    out: Path,
+    trials: list,
+    data,
+    base,
+    device,
+    amp,
+    resume: bool,
+    progress: bool,
+    label: str,
+    checkpoint_minutes: float = 10.0,
+    halving: int | None = None,
+):
+    """The epoch loop every run shares: each batch fed to every active trial, validation,
+    checkpoints, summary. With `halving` (a reduction factor, e.g. 2) the trials race: at each rung
+    (`halving_rungs`) only the best 1/halving of those still in the race go on (successive halving).
+
+    Checkpoints: best.safetensors holds the best epoch's weights, last.safetensors and
+    state.safetensors (optimizer, RNG, position) what --resume needs. They are written every
+    `checkpoint_minutes` (at the end of an epoch), at the end, and on Ctrl-C (between batches);
+    the best weights are kept in memory in between. `data` gives train_batches(batch_size, seed,
+    epoch, min_last, start) and val_batches(batch_size). Returns the run summary (None on ranks
+    other than 0 under torchrun).
     """
-    distributed, main = world_size() > 1, is_main()
+    main = is_main()
     n_train = len(data.sets["train"])
     min_last = 2 * world_size()  # batch norm needs two samples on every rank
     n_steps = steps_per_epoch(n_train, base.batch_size, min_last)
-    start_epoch = _restore(trials) if resume else 0
+    position = _restore(trials) if resume else (0, 0)  # (epoch, batches of it done)
+    rungs = halving_rungs(len(trials), base.epochs, halving) if halving else {}
     bar = make_progress(TextColumn("{task.fields[status]}"), enabled=progress)
     t0 = time.perf_counter()
-    with bar:
-        task = bar.add_task(label, total=(base.epochs - start_epoch) * n_steps, status="")
-        for epoch in range(start_epoch, base.epochs):
-            losses = {id(t): [] for t, _ in trials}
-            for feats, subject, r, q in data.train_batches(base.batch_size, base.seed, epoch, min_last):
-                if distributed:  # this rank's slice of the global batch
-                    sl = slice(rank(), None, world_size())
-                    feats, subject, r, q = [f[sl] for f in feats], subject[sl], r[sl], q[sl]
-                for trial, _ in trials:
-                    if trial.failed:
-                        continue
-                    loss = train_step(trial, feats, subject, r, q, data.targets, device, amp)
-                    if not math.isfinite(loss):
-                        trial.failed = f"loss became {loss} at epoch {epoch}, step {trial.step}"
-                        logger.error(
-                            "%s: %s; its best checkpoint (epoch %d) is kept", trial.name, trial.failed, trial.best_epoch
-                        )
-                    losses[id(trial)].append(loss)
-                bar.update(task, advance=1)
-            running = [(t, d) for t, d in trials if not t.failed]
-            scores = _evaluate([t for t, _ in running], data, base.batch_size, device, amp) if running else []
-            val = {id(t): v for (t, _), v in zip(running, scores, strict=True)}
-            for trial, tdir in trials:
-                if trial.failed and trial.history and trial.history[-1].get("failed"):
-                    continue  # its failure is on record already
-                _end_epoch(trial, tdir, epoch, losses[id(trial)], val.get(id(trial)), main)
-            best = max(trials, key=lambda t: t[0].best_score)[0]
-            bar.update(task, status=f"epoch {epoch + 1}/{base.epochs} best val median R² {best.best_score:.4f}")
+    last_write, samples = t0, 0
+    with bar, StopRequest() as stop:
+        todo = (base.epochs - position[0]) * n_steps - position[1]
+        task = bar.add_task(label, total=max(todo, 0), status="")
+        consistent = True  # the trials' states are those after `position`
+        try:
+            for epoch in range(position[0], base.epochs):
+                if not any(t.active for t, _ in trials):
+                    break
+                t_epoch, n_epoch = time.perf_counter(), 0
+                done = position[1] if epoch == position[0] else 0
+                batches = data.train_batches(base.batch_size, base.seed, epoch, min_last, done)
+                for feats, subject, r, q in batches:
+                    consistent = False
+                    _train_batch(trials, feats, subject, r, q, data, device, amp, epoch)
+                    done += 1
+                    position, consistent = (epoch, done), True
+                    n_epoch += len(subject) * world_size()
+                    bar.update(task, advance=1)
+                    if stop.check():
+                        raise KeyboardInterrupt
+                train_s = time.perf_counter() - t_epoch
+                samples += n_epoch
+                consistent = False
+                records = _validate(trials, data, base, device, amp, epoch)
+                _early_stop(trials, epoch)
+                if halving and epoch in rungs:
+                    _halve(trials, epoch, halving, rungs[epoch])
+                last = epoch == base.epochs - 1 or not any(t.active for t, _ in trials)
+                due = last or time.perf_counter() - last_write >= 60 * checkpoint_minutes
+                for trial, tdir in trials:
+                    record = records.get(id(trial))
+                    if record is None:
+                        continue  # a trial that failed in an earlier epoch
+                    record |= {
+                        "seconds": time.perf_counter() - t_epoch,
+                        "samples_per_s": n_epoch / max(train_s, 1e-9),
+                        "bytes_written": _checkpoint(trial, tdir, (epoch + 1, 0)) if due and main else 0,
+                    }
+                    if main:
+                        with (tdir / "metrics.jsonl").open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                if due:
+                    last_write = time.perf_counter()
+                position, consistent = (epoch + 1, 0), True
+                best = max(trials, key=lambda t: t[0].best_score)[0]
+                bar.update(task, status=f"epoch {epoch + 1}/{base.epochs} best val median R² {best.best_score:.4f}")
+                if stop.check():
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if main and consistent:
+                for trial, tdir in trials:
+                    _checkpoint(trial, tdir, position)
+                logger.warning("interrupted: state saved at epoch %d, batch %d; --resume goes on from there", *position)
+            elif main:
+                logger.warning("interrupted inside a step: --resume goes on from the last checkpoint")
+            raise
     seconds = time.perf_counter() - t0
     barrier()
     if not main:
         return None
-    summary, best_trial, best_dir = _summarize(out, trials, seconds, n_train * (base.epochs - start_epoch))
-    best_trial.model.load_state_dict(load_weights(best_dir / "best.safetensors"))
+    summary, best_trial, _ = _summarize(out, trials, seconds, samples)
+    load_state(best_trial.model, best_trial.best_state)
     [pred] = _val_predictions([best_trial], data, base.batch_size, device, amp)
     summary["val_rois"], vertex = val_tables(pred, data)
     save_weights(out / "val_vertex.safetensors", vertex, {"trial": summary["trial"]})
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _train_batch(trials, feats, subject, r, q, data, device, amp, epoch: int) -> None:
+    """One optimizer step of every active trial on one batch (this rank's slice under torchrun)."""
+    if world_size() > 1:
+        sl = slice(rank(), None, world_size())
+        feats, subject, r, q = [f[sl] for f in feats], subject[sl], r[sl], q[sl]
+    for trial, _ in trials:
+        if not trial.active:
+            continue
+        loss = train_step(trial, feats, subject, r, q, data.targets, device, amp)
+        trial.epoch_losses.append(loss)
+        if not math.isfinite(loss):
+            trial.failed = f"loss became {loss} at epoch {epoch}, step {trial.step}"
+            logger.error("%s: %s; its best checkpoint (epoch %d) is kept", trial.name, trial.failed, trial.best_epoch)
+            if trial.best_state is not None:  # its weights go back to the best epoch's: no NaN written
+                load_state(trial.model, trial.best_state)
+
+
+def _validate(trials, data, base, device, amp, epoch: int) -> dict[int, dict]:
+    """Validate the trials still training (one pass over the data for all) and bring each one's
+    record, best score and best weights up to date: {id(trial): record} for this epoch."""
+    running = [t for t, _ in trials if t.active]
+    scores = _evaluate(running, data, base.batch_size, device, amp) if running else []
+    val = {id(t): v for t, v in zip(running, scores, strict=True)}
+    records = {}
+    for trial, _ in trials:
+        if trial.failed and trial.history and trial.history[-1].get("failed"):
+            continue  # its failure is on record already
+        if trial.stopped and id(trial) not in val:
+            continue
+        finite = [v for v in trial.epoch_losses if math.isfinite(v)]
+        record = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(finite)) if finite else None,
+            "lr": trial.optimizer.param_groups[0]["lr"],
+            "step": trial.step,
+        }
+        trial.epoch_losses = []
+        if trial.failed:
+            record["failed"] = trial.failed
+        else:
+            record["val"] = val[id(trial)]
+            if record["val"]["median_r2"] > trial.best_score:
+                trial.best_score, trial.best_epoch, trial.best_val = record["val"]["median_r2"], epoch, record["val"]
+                trial.best_state = {
+                    k: v.detach().clone() for k, v in trained_state(trial.model, trial.keep_embedding).items()
+                }
+                trial.best_written = False
+        trial.history.append(record)
+        records[id(trial)] = record
+    return records
+
+
+def halving_rungs(n_trials: int, epochs: int, eta: int = 2) -> dict[int, int]:
+    """{epoch (0-based): halvings after it} for successive halving of n trials over `epochs`: the
+    rounds end at epochs E/eta^R, ..., E/eta (R = ceil(log_eta n)), each keeping the best 1/eta, so
+    one trial is left for the last E/eta. 8 trials cost (1 + 3/2) x one trial's steps with eta 2."""
+    if n_trials < 2:
+        return {}
+    rounds = math.ceil(math.log(n_trials, eta) - 1e-9)
+    rungs: dict[int, int] = {}
+    for k in range(rounds):
+        epoch = max(0, math.ceil(epochs * eta ** (k - rounds)) - 1)
+        rungs[epoch] = rungs.get(epoch, 0) + 1
+    return rungs
+
+
+def _halve(trials, epoch: int, eta: int, times: int) -> None:
+    """Keep the best ceil(n / eta^times) of the trials still in the race (by best validation score so
+    far; earlier trials first on ties); stop the others. Early-stopped trials stay in the race."""
+    racing = [t for t, _ in trials if not t.failed and not (t.stopped or "").startswith("halving")]
+    keep = math.ceil(len(racing) / eta**times)
+    ranked = sorted(racing, key=lambda t: -t.best_score)  # stable: ties keep the trial order
+    for place, trial in enumerate(ranked[keep:], start=keep + 1):
+        if not trial.stopped:
+            trial.stopped = f"halving after epoch {epoch}: rank {place} of {len(racing)} (best {trial.best_score:.4f})"
+            logger.info("%s: %s", trial.name, trial.stopped)
+
+
+def _early_stop(trials, epoch: int) -> None:
+    """Stop the trials whose validation score has not improved for `patience` epochs."""
+    for trial, _ in trials:
+        patience = trial.config.patience
+        if trial.active and patience and epoch - trial.best_epoch >= patience:
+            trial.stopped = f"early stop after epoch {epoch}: no better validation score in {patience} epochs"
+            logger.info("%s: %s (best: epoch %d)", trial.name, trial.stopped, trial.best_epoch)
+
+
+def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
+    """Write the trial's best weights (when newer than the file), its last weights and its training
+    state; returns the bytes written. The state is written last and names the step of the last
+    weights, so a crash between the two is detected on resume."""
+    written = 0
+    if not trial.best_written and trial.best_state is not None:
+        meta = {"epoch": trial.best_epoch, "median_r2": trial.best_score}
+        written += save_weights(tdir / "best.safetensors", trial.best_state, meta)
+        write_json(tdir / "summary.json", {"best_epoch": trial.best_epoch, "val": trial.best_val, "trial": trial.name})
+        trial.best_written = True
+    state = trained_state(trial.model, trial.keep_embedding)
+    written += save_weights(tdir / "last.safetensors", state, {"step": trial.step})
+    tensors, groups = optimizer_state(trial.optimizer)
+    tensors["rng_state"] = trial.rng_state
+    meta = {
+        "epoch": position[0],
+        "batch": position[1],
+        "step": trial.step,
+        "best_score": trial.best_score,
+        "best_epoch": trial.best_epoch,
+        "param_groups": groups,
+        "status": json.dumps(
+            {
+                "failed": trial.failed,
+                "stopped": trial.stopped,
+                "epoch_losses": trial.epoch_losses,
+                "history": trial.history,
+            }
+        ),
+    }
+    return written + save_weights(tdir / "state.safetensors", tensors, meta)
 
 
 def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData, main: bool) -> GroupPCA:
@@ -331,71 +593,42 @@ def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: Hea
     return pca
 
 
-def _end_epoch(trial: Trial, tdir: Path, epoch: int, losses: list[float], val: dict | None, main: bool) -> None:
-    finite = [v for v in losses if math.isfinite(v)]
-    record = {
-        "epoch": epoch,
-        "train_loss": float(np.mean(finite)) if finite else None,
-        "lr": trial.optimizer.param_groups[0]["lr"],
-        "step": trial.step,
-    }
-    if trial.failed:
-        record["failed"] = trial.failed
-    else:
-        record["val"] = val
-        score = record["val"]["median_r2"]
-        improved = score > trial.best_score
-        if improved:
-            trial.best_score, trial.best_epoch = score, epoch
-        if main:  # every rank validates (the same weights under DDP); only rank 0 writes
-            _save_checkpoints(trial, tdir, epoch, record["val"], improved)
-    trial.history.append(record)
-    if main:
-        with (tdir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _save_checkpoints(trial: Trial, tdir: Path, epoch: int, val: dict, improved: bool) -> None:
-    save_weights(tdir / "last.safetensors", trial.model.state_dict(), {"epoch": epoch})
-    if improved:
-        save_weights(
-            tdir / "best.safetensors", trial.model.state_dict(), {"epoch": epoch, "median_r2": val["median_r2"]}
-        )
-        write_json(tdir / "summary.json", {"best_epoch": epoch, "val": val, "trial": trial.name})
-    tensors, groups = optimizer_state(trial.optimizer)
-    tensors["rng_state"] = trial.rng_state
-    meta = {
-        "epoch": epoch,
-        "step": trial.step,
-        "best_score": trial.best_score,
-        "best_epoch": trial.best_epoch,
-        "param_groups": groups,
-    }
-    save_weights(tdir / "state.safetensors", tensors, meta)
-
-
-def _restore(trials) -> int:
-    """Load each trial's last weights, optimizer, RNG and step; return the next epoch."""
+def _restore(trials) -> tuple[int, int]:
+    """Load each trial's last weights, optimizer, RNG, step, best weights and status; return the
+    position (epoch, batches of it done) the run goes on from."""
     from safetensors import safe_open
 
-    epochs = set()
+    positions = set()
     for trial, tdir in trials:
         path = tdir / "state.safetensors"
         if not path.is_file():
-            raise ConfigError(f"{path}: nothing to resume (no epoch finished yet); start a new run")
+            raise ConfigError(f"{path}: nothing to resume (no checkpoint written yet); start a new run")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        trial.model.load_state_dict(load_weights(tdir / "last.safetensors"))
+        with safe_open(str(tdir / "last.safetensors"), framework="pt") as f:
+            last_step = f.metadata().get("step")
+        if last_step != meta["step"]:
+            raise ConfigError(
+                f"{tdir}: last.safetensors (step {last_step}) and state.safetensors (step {meta['step']}) disagree: "
+                "the run stopped while writing its checkpoint; start a new run"
+            )
+        load_state(trial.model, load_weights(tdir / "last.safetensors"))  # the embedding stays the run PCA's
         load_optimizer_state(trial.optimizer, tensors, meta["param_groups"])
         trial.rng_state = tensors["rng_state"]
         trial.step = int(meta["step"])
         trial.scheduler.step_update(trial.step)
         trial.best_score, trial.best_epoch = float(meta["best_score"]), int(meta["best_epoch"])
-        epochs.add(int(meta["epoch"]))
-    if len(epochs) != 1:
-        raise ConfigError("trials stopped at different epochs; cannot resume them in one pass")
-    return epochs.pop() + 1
+        status = json.loads(meta["status"])
+        trial.failed, trial.stopped = status["failed"], status["stopped"]
+        trial.epoch_losses, trial.history = status["epoch_losses"], status["history"]
+        if trial.best_epoch >= 0:
+            trial.best_state = load_weights(tdir / "best.safetensors")
+            trial.best_val = read_json(tdir / "summary.json")["val"]
+        positions.add((int(meta["epoch"]), int(meta["batch"])))
+    if len(positions) != 1:
+        raise ConfigError("trials stopped at different positions; cannot resume them in one pass")
+    return positions.pop()
 
 
 def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, Trial, Path]:
@@ -409,6 +642,9 @@ def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, T
             "best_epoch": t.best_epoch,
             "median_r2": t.best_score,
             "failed": t.failed,
+            "stopped": t.stopped,
+            "epochs": len(t.history),
+            "steps": t.step,
         }
         for t, d in ranked
     ]
@@ -418,7 +654,12 @@ def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, T
         raise TrainingError(f"{out}: no epoch gave a finite validation score (median R² is NaN)")
     best_trial, best_dir = ranked[0]
     summary = read_json(best_dir / "summary.json")
-    summary |= {"trial": rows[0]["dir"], "seconds": seconds, "samples_per_s": samples / seconds, "trials": rows}
+    summary |= {
+        "trial": rows[0]["dir"],
+        "seconds": seconds,
+        "samples_per_s": samples / max(seconds, 1e-9),
+        "trials": rows,
+    }
     if len(trials) > 1:
         write_json(out / "sweep.json", {"trials": rows, "best": rows[0]["dir"]})
     return summary, best_trial, best_dir

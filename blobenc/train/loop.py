@@ -86,6 +86,11 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, min_last: int 
         yield order[start : start + batch_size]
 
 
+def head_seed(config: HeadConfig) -> int:
+    """The seed of a head's random init and dropout: `init_seed`, else `seed`."""
+    return config.seed if config.init_seed is None else config.init_seed
+
+
 @dataclass
 class Trial:
     """One model under training with its own optimizer, schedule and dropout RNG stream."""
@@ -100,15 +105,25 @@ class Trial:
     step: int = 0
     best_score: float = -math.inf
     best_epoch: int = -1
-    failed: str | None = None
+    best_val: dict | None = None  # validation scores at the best epoch
+    best_state: dict[str, torch.Tensor] | None = None  # trained weights at the best epoch, in memory
+    best_written: bool = True  # False while best_state is newer than best.safetensors
+    failed: str | None = None  # a non-finite loss: not trained further
+    stopped: str | None = None  # early stopping or a halving rung: not trained further
+    epoch_losses: list[float] = field(default_factory=list)  # this epoch's, so far
     history: list[dict] = field(default_factory=list)
     net: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+    keep_embedding: bool = False  # checkpoints hold the frozen embedding (the run has no PCA file)
+
+    @property
+    def active(self) -> bool:
+        return not self.failed and not self.stopped
 
     def setup(self, total_steps: int) -> None:
         self.optimizer = configure_optimizer(self.model, self.config)
         self.scheduler = configure_scheduler(self.optimizer, self.config, total_steps)
         self.scheduler.step_update(0)
-        self.rng_state = torch.Generator().manual_seed(self.config.seed).get_state()
+        self.rng_state = torch.Generator().manual_seed(head_seed(self.config)).get_state()
 
 
 def train_step(
