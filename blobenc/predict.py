@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from blobenc.data.base import open_dataset, verify_images
 from blobenc.errors import CacheError, ConfigError, ModelError
 from blobenc.predictions import score_subject
+from blobenc.profile import phase, timed
 from blobenc.progress import track
 from blobenc.run import group_of, load_model
 from blobenc.runtime import autocast, resolve_device, resolve_precision
@@ -37,6 +38,7 @@ class FeatureSource:
             self.cache = cache
         self._trunk = None
 
+    @timed("trunk")
     def _trunk_features(self, paths: list[Path], batch_size: int) -> list[np.ndarray]:
         from blobenc.features.images import ImageViews
         from blobenc.features.trunk import LayerCapture, TrunkSpec, create_trunk, eval_transform, pool_features
@@ -73,6 +75,7 @@ class FeatureSource:
             capture.remove()
         return [np.concatenate(o) for o in out]
 
+    @timed("features")
     def features(self, keys: list[str], paths: list[Path], batch_size: int) -> list[torch.Tensor]:
         n = len(keys)
         result = None
@@ -189,9 +192,11 @@ def predict(
             else:
                 native = _group_predictions(model, feats, spec["subjects"].index(name), batch_size, dev, amp)
                 native = native[:, dataset.group_index(name)]
-            dataset.write_predictions(staging.path, name, native, split, image_keys if images is not None else None)
+            with phase("write"):
+                dataset.write_predictions(staging.path, name, native, split, image_keys if images is not None else None)
             if split == "test" and subject.has_responses(split):
-                scores[name] = score_subject(subject, native, split)
+                with phase("score"):
+                    scores[name] = score_subject(subject, native, split)
         if images is not None:
             (staging.path / "images.txt").write_text("\n".join(image_keys) + "\n")
     return scores
@@ -245,6 +250,7 @@ def check_cache_fits(cache, spec: dict) -> None:
             raise CacheError(f"{cache.path}: layer {name} has shape {have}, the run was trained on {want}")
 
 
+@timed("predict")
 @torch.no_grad()
 def _group_predictions(model, feats: list[torch.Tensor], subject: int, batch_size: int, dev, amp) -> np.ndarray:
     """(n, group vertices) predictions of a head (or finetuned encoder) for one subject, by batches."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from blobenc.cli.data import evaluate_command, submit_command, synth_command
@@ -32,4 +34,8 @@ app.command("report")(report_command)
 
 
 def main() -> None:
+    # Before torch is imported (commands import it lazily): OpenMP threads that finish a parallel
+    # region sleep instead of spinning. Spinning burned over half the CPU time of a training step
+    # when other processes share the cores (docs/benchmarks.md, "Where the CPU time goes").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.table import Table
 
 from blobenc.errors import BlobencError
 
@@ -45,6 +47,14 @@ RunOutOpt = Annotated[Path, typer.Option("--out", help="Run folder to write (mus
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of config keys (the reference's keys).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value config override, repeatable.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
+ProfileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--profile",
+        envvar="BLOBENC_PROFILE",
+        help="Record wall/user/system time, page faults and context switches per phase: profile.json + a table.",
+    ),
+]
 ReportOpt = Annotated[
     bool, typer.Option("--report", help="At the end, write RUN/report.html (needs pip install 'blobenc[report]').")
 ]
@@ -58,6 +68,57 @@ def write_run_report(out: Path, quiet: bool) -> None:
         path = write_report([out], out / "report.html")
     if not quiet:
         console.print(f"report: {path}")
+
+
+@contextmanager
+def computing(profile: bool, where: Callable[[], Path | None], quiet: bool) -> Iterator[None]:
+    """What a command that computes does around its library call: torch threads and the allocator
+    sized for the cores available (blobenc.runtime.configure_cpu), and with `profile` the run's
+    totals and phases written to where()/profile.json and shown as a table (rank 0 only under
+    torchrun). Inside `errors()`."""
+    from blobenc.profile import profiling
+    from blobenc.runtime import configure_cpu
+
+    configure_cpu()
+    with profiling(profile) as prof:
+        yield
+    if prof is None or int(os.environ.get("RANK", 0)) != 0:
+        return
+    folder = where()
+    if folder is not None:
+        prof.write(Path(folder) / "profile.json")
+    if not quiet:
+        console.print(profile_table(prof.to_dict(), f"profile: {folder}/profile.json" if folder else "profile"))
+
+
+def _count(n: float) -> str:
+    return next((f"{n / d:.1f}{u}" for d, u in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if n >= d), f"{n:.0f}")
+
+
+def profile_table(data: dict, title: str) -> Table:
+    """Totals and phases of a profile.json: wall, user and system seconds, sys/user, page faults
+    (minor + major) and context switches (voluntary / involuntary), the longest phases first."""
+    table = Table(title=title)
+    for col in ("phase", "calls", "wall s", "user s", "sys s", "sys/user", "faults", "switches v/i"):
+        table.add_column(col, justify="left" if col == "phase" else "right")
+
+    def row(name: str, p: dict, calls: str) -> None:
+        ratio = f"{p['sys_s'] / p['user_s']:.3f}" if p["user_s"] > 0 else "-"
+        faults = _count(p["minor_faults"] + p["major_faults"])
+        switches = f"{_count(p['voluntary_switches'])}/{_count(p['involuntary_switches'])}"
+        seconds = (f"{p[k]:.2f}" for k in ("wall_s", "user_s", "sys_s"))
+        table.add_row(name, calls, *seconds, ratio, faults, switches)
+
+    for name, p in sorted(data["phases"].items(), key=lambda kv: -kv[1]["wall_s"]):
+        row(name, p, _count(p["calls"]))
+    total = data["total"]
+    row("[bold]total[/]", total, "")
+    rt = data.get("runtime", {})
+    table.caption = (
+        f"total includes child processes; phases nest by '/'; peak RSS {total['peak_rss_bytes'] / 2**30:.2f} GiB; "
+        f"{rt.get('torch_threads')} torch threads, {rt.get('cores_available')} cores; malloc: {rt.get('malloc')}"
+    )
+    return table
 
 
 @contextmanager

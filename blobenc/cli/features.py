@@ -15,9 +15,11 @@ from blobenc.cli._common import (
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
+    ProfileOpt,
     QuietOpt,
     SeedOpt,
     WeightsOpt,
+    computing,
     console,
     errors,
     setup_logging,
@@ -46,13 +48,17 @@ def extract_command(
     views: Annotated[int, typer.Option(help="Views per image: centre crop + K-1 random resized crops.")] = 1,
     crop_scale: Annotated[float, typer.Option(help="Smallest crop area fraction of the random views.")] = 0.8,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: cores - 1, at most 8).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader worker processes (default: on CPU 1 per 4 cores, on GPU cores - 1; at most 8)."),
+    ] = None,
     chunk_images: Annotated[int | None, typer.Option(help="Images per chunk (default: ~16 MiB chunks).")] = None,
     shard: Annotated[str | None, typer.Option(help="I/N: fill only shard I of N (torchrun: from RANK).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing cache and start over.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = None,
+    profile: ProfileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a timm trunk once over every image and cache several layers' activations (resumable)."""
@@ -83,7 +89,10 @@ def extract_command(
             device=device,
             precision=precision,
         )
-        summary = extract(keys, paths, out, config, shard=parse_shard(shard), overwrite=overwrite, progress=not quiet)
+        with computing(profile, lambda: out, quiet):
+            summary = extract(
+                keys, paths, out, config, shard=parse_shard(shard), overwrite=overwrite, progress=not quiet
+            )
         info = FeatureCache.open(out, allow_incomplete=True).info()
     write_json(json_out, summary | {"info": info})
     if not quiet:

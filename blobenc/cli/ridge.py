@@ -11,9 +11,11 @@ from blobenc.cli._common import (
     CacheArg,
     DataOpt,
     DeviceOpt,
+    ProfileOpt,
     QuietOpt,
     ReportOpt,
     RunOutOpt,
+    computing,
     console,
     errors,
     setup_logging,
@@ -47,6 +49,7 @@ def fit_ridge_command(
     ] = None,
     device: DeviceOpt = "auto",
     report: ReportOpt = False,
+    profile: ProfileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a (banded) ridge per subject on cached features: the baseline every head must beat."""
@@ -71,7 +74,8 @@ def fit_ridge_command(
             refit=refit,
             device=device,
         )
-        summary = fit_ridge(cache, data, out, config, max_memory=parse_bytes(max_memory), progress=not quiet)
+        with computing(profile, lambda: out, quiet):
+            summary = fit_ridge(cache, data, out, config, max_memory=parse_bytes(max_memory), progress=not quiet)
     if not quiet:
         print_summary(summary, out)
     if report:

@@ -15,10 +15,12 @@ from blobenc.cli._common import (
     DeviceOpt,
     JsonOpt,
     PrecisionOpt,
+    ProfileOpt,
     QuietOpt,
     ResumeOpt,
     RunOutOpt,
     SetOpt,
+    computing,
     console,
     errors,
     setup_logging,
@@ -85,6 +87,7 @@ def fit_head_command(
     ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    profile: ProfileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit the group PCA and train the multi-subject head from a feature cache (phase 1)."""
@@ -101,19 +104,20 @@ def fit_head_command(
             configs, _ = search_configs(base, sweep or [], search)
         else:
             configs = sweep_configs(base, sweep or []) if sweep else [base]
-        summary = fit_head(
-            cache,
-            data,
-            out,
-            configs,
-            pca_path=pca,
-            resume=resume,
-            max_memory=parse_bytes(max_memory),
-            checkpoint_minutes=checkpoint_minutes,
-            halving=2 if halving else None,
-            ensemble=ensemble,
-            progress=not quiet,
-        )
+        with computing(profile, lambda: out, quiet):
+            summary = fit_head(
+                cache,
+                data,
+                out,
+                configs,
+                pca_path=pca,
+                resume=resume,
+                max_memory=parse_bytes(max_memory),
+                checkpoint_minutes=checkpoint_minutes,
+                halving=2 if halving else None,
+                ensemble=ensemble,
+                progress=not quiet,
+            )
     if quiet or summary is None:  # under torchrun only rank 0 reports
         return
     table = Table(title=f"fit-head {out}: validation (best epoch per trial)")
@@ -184,6 +188,7 @@ def predict_command(
         ),
     ] = None,
     json_out: JsonOpt = None,
+    profile: ProfileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Predict subjects' responses in their own vertex space; scores itself when test fMRI exist."""
@@ -193,23 +198,24 @@ def predict_command(
 
     setup_logging(quiet)
     with errors():
-        if len(runs) > 1 or select is not None:
-            if split != "test" or images is not None or cache is not None:
-                raise ConfigError(
-                    "--select predicts the test split from each run's own cache (no --split/--images/--cache)"
-                )
-            selected = predict_selected(
-                runs, data, out, select or "vertex", subject, progress=not quiet,
-                batch_size=batch_size, device=device, precision=precision,
-            )  # fmt: skip
-            scores = selected["scores"]
-            if not quiet:
-                console.print(selection_table(selected["selection"]))
-        else:
-            scores = predict(
-                runs[0], data, out, subject, split, cache, batch_size, device, precision, images=images,
-                progress=not quiet,
-            )  # fmt: skip
+        with computing(profile, lambda: out, quiet):
+            if len(runs) > 1 or select is not None:
+                if split != "test" or images is not None or cache is not None:
+                    raise ConfigError(
+                        "--select predicts the test split from each run's own cache (no --split/--images/--cache)"
+                    )
+                selected = predict_selected(
+                    runs, data, out, select or "vertex", subject, progress=not quiet,
+                    batch_size=batch_size, device=device, precision=precision,
+                )  # fmt: skip
+                scores = selected["scores"]
+                if not quiet:
+                    console.print(selection_table(selected["selection"]))
+            else:
+                scores = predict(
+                    runs[0], data, out, subject, split, cache, batch_size, device, precision, images=images,
+                    progress=not quiet,
+                )  # fmt: skip
     if scores:
         from blobenc.predictions import summarize
 
@@ -267,6 +273,7 @@ def finetune_command(
     checkpoint_minutes: CheckpointMinutesOpt = 10.0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    profile: ProfileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune trunk (attention blocks) and head end to end on streamed, augmented images (phase 2)."""
@@ -283,9 +290,10 @@ def finetune_command(
         if grad_checkpointing:
             overrides.append("grad_checkpointing=true")
         cfg = load_config(config, overrides, cls=FinetuneConfig)
-        summary = finetune(
-            run, data, out, cfg, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=not quiet
-        )
+        with computing(profile, lambda: out, quiet):
+            summary = finetune(
+                run, data, out, cfg, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=not quiet
+            )
     if quiet or summary is None:
         return
     console.print(validation_table(summary, f"finetune {out}: best epoch {summary['best_epoch']}"))

@@ -32,8 +32,9 @@ from blobenc.features.trunk import (
     resolve_layers,
     weights_fingerprint,
 )
+from blobenc.profile import phase
 from blobenc.progress import make_progress
-from blobenc.runtime import autocast, resolve_device, resolve_precision
+from blobenc.runtime import autocast, default_workers, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ class ExtractConfig:
             raise ConfigError(f"--batch-size {self.batch_size}: expected at least 1")
         if self.chunk_images is not None and self.chunk_images < 1:
             raise ConfigError(f"--chunk-images {self.chunk_images}: expected at least 1")
-
-
-def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -167,11 +164,12 @@ def extract(
     out = Path(out)
     device = resolve_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
-    model = create_trunk(config.trunk)
-    prep = preprocessing(model)
-    layers = resolve_layers(model, config.layers)
-    shapes = layer_shapes(model, layers, prep, config.pool)
-    fingerprint = weights_fingerprint(model)
+    with phase("load trunk"):
+        model = create_trunk(config.trunk)
+        prep = preprocessing(model)
+        layers = resolve_layers(model, config.layers)
+        shapes = layer_shapes(model, layers, prep, config.pool)
+        fingerprint = weights_fingerprint(model)
 
     view_shape = (config.views,) if config.views > 1 else ()
     itemsize = np.dtype(config.store_dtype).itemsize
@@ -234,7 +232,7 @@ def extract(
         augment_transform(prep, config.crop_scale) if config.views > 1 else None,
         seed=config.trunk.seed,
     )
-    workers = default_workers() if config.num_workers is None else config.num_workers
+    workers = default_workers(device) if config.num_workers is None else config.num_workers
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda"
     )
@@ -246,10 +244,16 @@ def extract(
     filled: dict[int, int] = {}
     n_done, t0 = 0, time.perf_counter()
     progress_bar = make_progress(TextColumn("{task.fields[rate]}"), enabled=progress)
+    batches = iter(loader)
     try:
         with progress_bar, torch.inference_mode():
             task = progress_bar.add_task("extracting", total=len(rows), rate="")
-            for batch_rows, x, errs in loader:
+            while True:
+                with phase("read images"):  # waiting for decoded images (decoding itself with 0 workers)
+                    item = next(batches, None)
+                if item is None:
+                    break
+                batch_rows, x, errs = item
                 bad = [e for e in errs if e]
                 if bad:
                     raise CacheError(
@@ -257,28 +261,37 @@ def extract(
                         "fix the file and rerun the same command to resume"
                     )
                 b = x.shape[0]
-                x = x.flatten(0, 1).to(device, non_blocking=True)
-                with autocast(device, amp_dtype):
-                    feats = capture(x)
-                host = {}
-                for name, f in feats.items():
-                    if config.pool:
-                        f = pool_features(f, config.pool, prefix)
-                    host[name] = _to_store(name, f.reshape(b, *view_shape, *f.shape[1:]), config.store_dtype)
-                batch_rows = batch_rows.numpy()
-                chunk_ids = batch_rows // chunk_images
-                for c in np.unique(chunk_ids):
-                    sel = chunk_ids == c
-                    start, stop = ranges[c]
-                    if c not in open_chunks:
-                        open_chunks[c] = {n: np.empty((stop - start, *h.shape[1:]), h.dtype) for n, h in host.items()}
-                        filled[c] = 0
-                    lo = int(batch_rows[sel][0]) - start
-                    for n, h in host.items():
-                        open_chunks[c][n][lo : lo + int(sel.sum())] = h[sel]
-                    filled[c] += int(sel.sum())
-                    if filled[c] == stop - start:
-                        writer.put(int(c), start, open_chunks.pop(c))
+                with phase("forward"):
+                    x = x.flatten(0, 1).to(device, non_blocking=True)
+                    with autocast(device, amp_dtype):
+                        feats = capture(x)
+                with phase("to host"):
+                    host = {}
+                    for name, f in feats.items():
+                        if config.pool:
+                            f = pool_features(f, config.pool, prefix)
+                        host[name] = _to_store(name, f.reshape(b, *view_shape, *f.shape[1:]), config.store_dtype)
+                    del feats
+                    batch_rows = batch_rows.numpy()
+                    chunk_ids = batch_rows // chunk_images
+                    full = []
+                    for c in np.unique(chunk_ids):
+                        sel = chunk_ids == c
+                        start, stop = ranges[c]
+                        if c not in open_chunks:
+                            open_chunks[c] = {
+                                n: np.empty((stop - start, *h.shape[1:]), h.dtype) for n, h in host.items()
+                            }
+                            filled[c] = 0
+                        lo = int(batch_rows[sel][0]) - start
+                        for n, h in host.items():
+                            open_chunks[c][n][lo : lo + int(sel.sum())] = h[sel]
+                        filled[c] += int(sel.sum())
+                        if filled[c] == stop - start:
+                            full.append((int(c), start))
+                with phase("write"):  # waiting for the writer thread when 2 chunks are queued already
+                    for c, start in full:
+                        writer.put(c, start, open_chunks.pop(c))
                 n_done += b
                 elapsed = time.perf_counter() - t0
                 progress_bar.update(
@@ -288,7 +301,8 @@ def extract(
                 )
     finally:
         capture.remove()
-        writer.close()  # always flush the finished chunks, error or not
+        with phase("write"):
+            writer.close()  # always flush the finished chunks, error or not
     seconds = time.perf_counter() - t0
     summary.update(
         images_done=n_done,

@@ -15,6 +15,7 @@ import torch
 from blobenc.data.base import Dataset, ValidationSplit
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
+from blobenc.profile import timed
 from blobenc.progress import track
 from blobenc.train.loop import EmbeddedTargets, epoch_batches, observed_mask
 
@@ -80,6 +81,7 @@ class SplitTargets:
                 yield i, offset + start, subject.responses("train", rows[start : start + block])
             offset += len(rows)
 
+    @timed("targets")
     def group_targets(self, part: str) -> np.ndarray:
         """(N, V) float32 responses of `part` in group space, 0 where the sample's subject has no vertex."""
         target = np.zeros((len(self.sets[part]), self.group.n_vertices), dtype=np.float32)
@@ -91,6 +93,7 @@ class SplitTargets:
         """(N, V) True where the sample's subject has the vertex."""
         return observed_mask(self.sets[part].subject, self.subjects, self.group_index, self.group.n_vertices)
 
+    @timed("embed targets")
     @torch.no_grad()
     def embed(self, weight: torch.Tensor, bias: torch.Tensor, block: int = 4096) -> None:
         """Training targets through the frozen embedding (group prediction = weight @ z + bias):
@@ -130,6 +133,7 @@ class SplitTargets:
 class CachedFeatures:
     """The cache rows a run needs, read once by whole chunks into RAM (or GPU memory), in float16."""
 
+    @timed("read features")
     def __init__(
         self, cache: FeatureCache, layers: list[str], rows: np.ndarray, device: torch.device, progress: bool = False
     ):

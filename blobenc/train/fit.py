@@ -23,6 +23,7 @@ from blobenc.errors import BlobencError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.heads import create_head
 from blobenc.pca import GroupPCA
+from blobenc.profile import timed, timed_iter
 from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
 from blobenc.scoring import pearson_r, r2_score
@@ -86,6 +87,7 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
     }
 
 
+@timed("predict")
 def _val_predictions(trials: list[Trial], data, batch_size: int, device, amp) -> list[np.ndarray]:
     """Group-space predictions (N_val, V) of the validation samples, in sample order, for every
     trial from one pass over the validation data (a streamed cache is read once, not per trial)."""
@@ -105,6 +107,7 @@ def _val_predictions(trials: list[Trial], data, batch_size: int, device, amp) ->
     return result
 
 
+@timed("roi tables")
 def val_tables(pred: np.ndarray, data) -> tuple[dict, dict[str, torch.Tensor]]:
     """Validation beyond the headline, from group-space predictions `pred` of the validation samples:
     R² per ROI and hemisphere (each vertex's R² pooled over subjects, as the headline median,
@@ -396,7 +399,7 @@ def train_trials(
                 t_epoch, n_epoch = time.perf_counter(), 0
                 done = position[1] if epoch == position[0] else 0
                 batches = data.train_batches(base.batch_size, base.seed, epoch, min_last, done)
-                for feats, subject, r, q in batches:
+                for feats, subject, r, q in timed_iter("batch", batches):
                     consistent = False
                     _train_batch(trials, feats, subject, r, q, data, device, amp, epoch)
                     done += 1
@@ -471,6 +474,7 @@ def _train_batch(trials, feats, subject, r, q, data, device, amp, epoch: int) ->
                 load_state(trial.model, trial.best_state)
 
 
+@timed("validation")
 def _validate(trials, data, base, device, amp, epoch: int) -> dict[int, dict]:
     """Validate the trials still training (one pass over the data for all) and bring each one's
     record, best score and best weights up to date: {id(trial): record} for this epoch."""
@@ -541,6 +545,7 @@ def _early_stop(trials, epoch: int) -> None:
             logger.info("%s: %s (best: epoch %d)", trial.name, trial.stopped, trial.best_epoch)
 
 
+@timed("checkpoint")
 def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
     """Write the trial's best weights (when newer than the file), its last weights and its training
     state; returns the bytes written. The state is written last and names the step of the last
@@ -574,6 +579,7 @@ def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
     return written + save_weights(tdir / "state.safetensors", tensors, meta)
 
 
+@timed("pca")
 def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData, main: bool) -> GroupPCA:
     if pca_path is not None or resume:
         pca = GroupPCA.load(pca_path if pca_path is not None else target)

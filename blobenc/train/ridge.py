@@ -20,6 +20,7 @@ from blobenc.data.base import open_dataset
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.features.trunk import match_modules
+from blobenc.profile import timed
 from blobenc.progress import track
 from blobenc.ridge import (
     LayerScaler,
@@ -86,6 +87,7 @@ class LayerFeatures:
         if max_memory is None or self.nbytes <= max_memory:
             self.tables = [self._read(n, self.rows) for n in layers]
 
+    @timed("read features")
     def _read(self, layer: str, rows: np.ndarray) -> torch.Tensor:
         out = torch.empty(len(rows), self.dims[self.layers.index(layer)])
         for positions, block in self.cache.read_rows(layer, rows, view=0):
@@ -117,6 +119,7 @@ class SubjectFit:
         return (w / w.sum(0, keepdim=True)).T.contiguous()
 
 
+@timed("solve")
 def _solve(
     feats: LayerFeatures,
     rows: np.ndarray,
@@ -360,6 +363,7 @@ def _select_layers(cache: FeatureCache, patterns: tuple[str, ...] | None) -> lis
     return [n for n in cache.layers if n in chosen]
 
 
+@timed("write")
 def _save_fit(path: Path, fit: SubjectFit, layers: list[str], cache: FeatureCache) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"y_mean": fit.y_mean, "alpha": fit.alpha, "layer_weights": fit.layer_weights}
@@ -428,6 +432,7 @@ class RidgeModel:
         return self
 
     @torch.no_grad()
+    @timed("predict")
     def predict_subject(self, name: str, raw: list[torch.Tensor], cache: FeatureCache | None) -> np.ndarray:
         """(n, n_targets) float32 predictions of subject `name` from per-layer features (n, *shape)."""
         fit, rows = load_fit(self.dir / "weights" / f"{name}.safetensors", cache, self.device)
