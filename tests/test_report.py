@@ -316,3 +316,15 @@ def test_page_in_headless_chromium(report, tmp_path):
     assert region.shape[0] > 100 and region.shape[1] > 300
     assert region.std() > 20  # brains on white, not a blank box
     assert (region < 200).mean() > 0.1
+
+
+def test_fit_head_report_flag_writes_the_run_report(run, data, tmp_path):
+    """`fit-head --report` ends by writing RUN/report.html of that run (the cache of the fixture run)."""
+    cache = run.parent / "cache"
+    out = tmp_path / "run"
+    args = ["fit-head", str(cache), "--data", str(data), "--out", str(out), "--report", "-q"]
+    tiny = ["--set", "epochs=2", "--set", "batch_size=32", "--set", "hidden_dim=16", "--pca-components", "20"]
+    res = runner.invoke(app, [*args, *tiny])
+    assert res.exit_code == 0, res.output
+    html = (out / "report.html").read_text()
+    assert "fit-head" in html and "data:image/png;base64," in html

@@ -17,6 +17,7 @@ from blobenc.cli._common import (
     PrecisionOpt,
     ProfileOpt,
     QuietOpt,
+    ReportOpt,
     ResumeOpt,
     RunOutOpt,
     SetOpt,
@@ -25,6 +26,7 @@ from blobenc.cli._common import (
     errors,
     setup_logging,
     write_json,
+    write_run_report,
 )
 from blobenc.cli.data import roi_table, score_table
 
@@ -88,6 +90,7 @@ def fit_head_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     profile: ProfileOpt = False,
+    report: ReportOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit the group PCA and train the multi-subject head from a feature cache (phase 1)."""
@@ -118,7 +121,9 @@ def fit_head_command(
                 ensemble=ensemble,
                 progress=not quiet,
             )
-    if quiet or summary is None:  # under torchrun only rank 0 reports
+    if summary is not None and report:  # under torchrun only rank 0 reports
+        write_run_report(out, quiet)
+    if quiet or summary is None:
         return
     table = Table(title=f"fit-head {out}: validation (best epoch per trial)")
     for col in ("trial", "best epoch", "median R²", "swept"):
@@ -131,12 +136,13 @@ def fit_head_command(
         status = f"{row['median_r2']:.4f}" + (" (failed)" if row["failed"] else "")
         if row.get("stopped"):
             status += " (halved)" if row["stopped"].startswith("halving") else " (early stop)"
-        table.add_row(row["dir"], str(row["best_epoch"]), status, cfg)
+        table.add_row(row["dir"], str(row["best_epoch"]) if row["best_epoch"] >= 0 else "start", status, cfg)
     console.print(table)
     if "ensemble" in summary:
         e = summary["ensemble"]
         console.print(f"ensemble of {', '.join(e['members'])}: validation median R² {e['val']['median_r2']:.4f}")
-    console.print(validation_table(summary, f"best: {summary['trial']}, epoch {summary['best_epoch']}"))
+    best = f"epoch {summary['best_epoch']}" if summary["best_epoch"] >= 0 else "its closed-form start"
+    console.print(validation_table(summary, f"best: {summary['trial']}, {best}"))
     console.print(roi_table(summary["val_rois"], "validation R² per ROI (best trial), mean over subjects", "{:.4f}"))
     console.print(f"{summary['samples_per_s']:.0f} samples/s per pass, {summary['seconds']:.1f} s")
 
@@ -274,6 +280,7 @@ def finetune_command(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     profile: ProfileOpt = False,
+    report: ReportOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune trunk (attention blocks) and head end to end on streamed, augmented images (phase 2)."""
@@ -294,6 +301,8 @@ def finetune_command(
             summary = finetune(
                 run, data, out, cfg, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=not quiet
             )
+    if summary is not None and report:
+        write_run_report(out, quiet)
     if quiet or summary is None:
         return
     console.print(validation_table(summary, f"finetune {out}: best epoch {summary['best_epoch']}"))
