@@ -27,17 +27,17 @@ class HeadConfig:
     layers: tuple[str, ...] | None = None  # a subset of the cache's layers; None = all of them
     epochs: int | None = None  # None: from the training samples (40 at the reference's ~75k)
     batch_size: int | None = None  # None: from the training samples (512 at the reference's ~75k)
-    lr: float = 6e-4
+    lr: float = 2e-3  # reference: 6e-4
     weight_decay: float = 0.8
-    dropout: float = 0.9
-    hidden_dim: int = 1024
+    dropout: float = 0.5  # reference: 0.9
+    hidden_dim: int = 128  # reference: 1024
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.05
     grad_clip: float | None = None
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     patience: int | None = None  # stop after this many epochs without a better validation score
-    init: str = "random"  # the head's start: random, ridge or pca-ridge (blobenc/train/init.py)
+    init: str = "pca-ridge"  # the head's start: random (the reference's), ridge or pca-ridge (train/init.py)
     val_fraction: float = 0.1
     seed: int = 0  # the validation split, the data order and (unless init_seed) the head's init
     init_seed: int | None = None  # the head's random init and dropout (None: seed); ensembles vary it
@@ -179,9 +179,9 @@ REFERENCE_BATCH = 512
 REFERENCE_EPOCHS = 40
 BATCH_FRACTION = 1 / 32  # batch: this fraction of the training samples, as a power of 2...
 MIN_BATCH = 32  # ...in [MIN_BATCH, REFERENCE_BATCH]
-MIN_STEPS = 1000  # optimizer steps of a run at least: small data needs many epochs to converge
+MIN_STEPS = 300  # optimizer steps of a run at least: small data needs many epochs
 REFERENCE_PROJ = 2048
-PROJ_FRACTION = 1 / 4  # group-PCA components: this fraction of the training samples, in multiples of 64...
+PROJ_FRACTION = 1 / 8  # group-PCA components: this fraction of the training samples, to a multiple of 64...
 MIN_PROJ = 64  # ...in [MIN_PROJ, REFERENCE_PROJ]
 
 
@@ -199,10 +199,10 @@ def default_epochs(n_train: int, batch_size: int) -> int:
 
 
 def default_proj_dim(n_train: int) -> int:
-    """Group-PCA components: PROJ_FRACTION of the training samples (a multiple of 64), in
+    """Group-PCA components: PROJ_FRACTION of the training samples (the nearest multiple of 64), in
     [MIN_PROJ, REFERENCE_PROJ]. With few samples the trailing components are noise the head would
-    fit; the reference's 2048 is reached at ~8k samples."""
-    return int(min(REFERENCE_PROJ, max(MIN_PROJ, n_train * PROJ_FRACTION // 64 * 64)))
+    fit; the reference's 2048 is reached at ~16k samples."""
+    return int(min(REFERENCE_PROJ, max(MIN_PROJ, round(n_train * PROJ_FRACTION / 64) * 64)))
 
 
 def resolve_schedule(config: HeadConfig, n_train: int) -> HeadConfig:

@@ -384,6 +384,8 @@ def train_trials(
     min_last = 2 * world_size()  # batch norm needs two samples on every rank
     n_steps = steps_per_epoch(n_train, base.batch_size, min_last)
     position = _restore(trials) if resume else (0, 0)  # (epoch, batches of it done)
+    if not resume:
+        _validate_starts(trials, data, base, device, amp)
     rungs = halving_rungs(len(trials), base.epochs, halving) if halving else {}
     bar = make_progress(TextColumn("{task.fields[status]}"), enabled=progress)
     t0 = time.perf_counter()
@@ -536,6 +538,20 @@ def _halve(trials, epoch: int, eta: int, times: int) -> None:
             logger.info("%s: %s", trial.name, trial.stopped)
 
 
+def _validate_starts(trials, data, base, device, amp) -> None:
+    """Validate the closed-form starts (config `init`) before any step: a start is the best weights
+    until an epoch beats it (best_epoch -1), so training can only improve on it."""
+    starts = [t for t, _ in trials if t.config.init != "random"]
+    for trial, val in zip(starts, _evaluate(starts, data, base.batch_size, device, amp) if starts else [], strict=True):
+        trial.start_val = val
+        if val["median_r2"] > trial.best_score:
+            trial.best_score, trial.best_epoch, trial.best_val = val["median_r2"], -1, val
+            trial.best_state = {
+                k: v.detach().clone() for k, v in trained_state(trial.model, trial.keep_embedding).items()
+            }
+            trial.best_written = False
+
+
 def _early_stop(trials, epoch: int) -> None:
     """Stop the trials whose validation score has not improved for `patience` epochs."""
     for trial, _ in trials:
@@ -573,6 +589,7 @@ def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
                 "stopped": trial.stopped,
                 "epoch_losses": trial.epoch_losses,
                 "history": trial.history,
+                "start_val": trial.start_val,
             }
         ),
     }
@@ -628,7 +645,8 @@ def _restore(trials) -> tuple[int, int]:
         status = json.loads(meta["status"])
         trial.failed, trial.stopped = status["failed"], status["stopped"]
         trial.epoch_losses, trial.history = status["epoch_losses"], status["history"]
-        if trial.best_epoch >= 0:
+        trial.start_val = status.get("start_val")
+        if math.isfinite(trial.best_score):
             trial.best_state = load_weights(tdir / "best.safetensors")
             trial.best_val = read_json(tdir / "summary.json")["val"]
         positions.add((int(meta["epoch"]), int(meta["batch"])))
@@ -651,12 +669,13 @@ def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, T
             "stopped": t.stopped,
             "epochs": len(t.history),
             "steps": t.step,
+            "start_median_r2": t.start_val["median_r2"] if t.start_val else None,
         }
         for t, d in ranked
     ]
-    if all(t.failed for t, _ in trials) and all(t.best_epoch < 0 for t, _ in trials):
+    if all(t.failed for t, _ in trials) and not any(math.isfinite(t.best_score) for t, _ in trials):
         raise TrainingError(f"{out}: every trial stopped: {trials[0][0].failed}")
-    if all(t.best_epoch < 0 for t, _ in trials):
+    if not any(math.isfinite(t.best_score) for t, _ in trials):
         raise TrainingError(f"{out}: no epoch gave a finite validation score (median R² is NaN)")
     best_trial, best_dir = ranked[0]
     summary = read_json(best_dir / "summary.json")
