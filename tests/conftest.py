@@ -35,3 +35,26 @@ def data_copy(small_data, tmp_path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(small_data, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """3 subjects x 60 training images: enough that validation scores mean something (read-only)."""
+    return write_synthetic(
+        tmp_path_factory.mktemp("train") / "data",
+        SynthConfig(subjects=3, train_images=60, test_images=10, image_size=32, seed=3),
+    )
+
+
+@pytest.fixture(scope="session")
+def small_cache(train_data, tmp_path_factory) -> Path:
+    """A tiny random-init ViT's blocks 1 and 3 over train_data's images (read-only)."""
+    from blobenc.data.base import open_dataset
+    from blobenc.features.extract import ExtractConfig, extract
+    from blobenc.features.trunk import TrunkSpec
+
+    index = open_dataset(train_data).unique_images()
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    cfg = ExtractConfig(trunk=TrunkSpec("test_vit", False), layers=("blocks.[13]",), num_workers=0, chunk_images=16)
+    extract(index.keys, list(index.paths), out, cfg, progress=False)
+    return out

@@ -12,8 +12,6 @@ from typer.testing import CliRunner
 from blobenc.cli import app
 from blobenc.data.base import open_dataset
 from blobenc.errors import ConfigError
-from blobenc.features.extract import ExtractConfig, extract
-from blobenc.features.trunk import TrunkSpec
 from blobenc.ridge import LayerScaler, check_features, loo_ridge, reduce_layer
 
 runner = CliRunner()
@@ -79,32 +77,13 @@ def test_layer_scaling_changes_nothing():
     torch.testing.assert_close(fit(a, b), fit(a * 1000, b), rtol=1e-3, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def ridge_data(tmp_path_factory):
-    from blobenc.data.synth import SynthConfig, write_synthetic
-
-    return write_synthetic(
-        tmp_path_factory.mktemp("ridge") / "data",
-        SynthConfig(subjects=3, train_images=60, test_images=10, image_size=32, seed=3),
-    )
-
-
-@pytest.fixture(scope="module")
-def ridge_cache(ridge_data, tmp_path_factory):
-    index = open_dataset(ridge_data).unique_images()
-    out = tmp_path_factory.mktemp("rcache") / "cache"
-    cfg = ExtractConfig(trunk=TrunkSpec("test_vit", False), layers=("blocks.[13]",), num_workers=0, chunk_images=16)
-    extract(index.keys, list(index.paths), out, cfg, progress=False)
-    return out
-
-
 def _fit(cache, data, out, *args):
     return runner.invoke(app, ["fit-ridge", str(cache), "--data", str(data), "--out", str(out), *args])
 
 
-def test_fit_ridge_run_predict_evaluate(ridge_cache, ridge_data, tmp_path):
+def test_fit_ridge_run_predict_evaluate(small_cache, train_data, tmp_path):
     run = tmp_path / "run"
-    res = _fit(ridge_cache, ridge_data, run)
+    res = _fit(small_cache, train_data, run)
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val"]["median_r2"] > 0 and summary["val"]["mean_r"] > 0.1
@@ -114,44 +93,44 @@ def test_fit_ridge_run_predict_evaluate(ridge_cache, ridge_data, tmp_path):
     from blobenc.data.base import ValidationSplit
 
     split = ValidationSplit.load(run / "split.json")
-    np.testing.assert_array_equal(split.val_keys, open_dataset(ridge_data).validation_split(0.1, 0).val_keys)
-    ds = open_dataset(ridge_data)
+    np.testing.assert_array_equal(split.val_keys, open_dataset(train_data).validation_split(0.1, 0).val_keys)
+    ds = open_dataset(train_data)
     w = load_file(run / "weights" / "subj01.safetensors")
     assert w["y_mean"].shape == (ds.subjects["subj01"].n_targets,)
     assert w["blocks.1.coef"].shape == (64, ds.subjects["subj01"].n_targets)  # test_vit: 64 channels
 
     pred = tmp_path / "pred"
     res = runner.invoke(
-        app, ["predict", str(run), "--data", str(ridge_data), "--out", str(pred), "--json", str(tmp_path / "p.json")]
+        app, ["predict", str(run), "--data", str(train_data), "--out", str(pred), "--json", str(tmp_path / "p.json")]
     )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["evaluate", str(pred), "--data", str(ridge_data), "--json", str(tmp_path / "e.json")])
+    res = runner.invoke(app, ["evaluate", str(pred), "--data", str(train_data), "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.output
     scores = json.loads((tmp_path / "e.json").read_text())
     assert scores["score"] > 5  # the devkit's noise-normalized score, well above a constant's 0
     assert json.loads((tmp_path / "p.json").read_text())["score"] == pytest.approx(scores["score"])
 
-    res = runner.invoke(app, ["finetune", str(run), "--data", str(ridge_data), "--out", str(tmp_path / "ft")])
+    res = runner.invoke(app, ["finetune", str(run), "--data", str(train_data), "--out", str(tmp_path / "ft")])
     assert res.exit_code == 1 and "fit-ridge run" in res.output and "Traceback" not in res.output
 
 
-def test_fit_ridge_primal_kernel_and_dual_storage_agree(ridge_cache, ridge_data, tmp_path, monkeypatch):
+def test_fit_ridge_primal_kernel_and_dual_storage_agree(small_cache, train_data, tmp_path, monkeypatch):
     """Features wider than the images (tokens: kernel ridge) and the same run kept dual (training
     keys + dual coefficients) predict the same test responses."""
     import blobenc.train.ridge as ridge_mod
 
     a = tmp_path / "a"
-    assert _fit(ridge_cache, ridge_data, a, "--features", "tokens").exit_code == 0
+    assert _fit(small_cache, train_data, a, "--features", "tokens").exit_code == 0
     monkeypatch.setattr(ridge_mod, "PRIMAL_LIMIT", 0)  # keep every solution dual
     b = tmp_path / "b"
-    assert _fit(ridge_cache, ridge_data, b, "--features", "tokens").exit_code == 0
+    assert _fit(small_cache, train_data, b, "--features", "tokens").exit_code == 0
     from safetensors import safe_open
 
     with safe_open(str(b / "weights" / "subj02.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert meta["form"] == "dual" and len(json.loads(meta["train_keys"])) > 40
     for run in (a, b):
-        res = runner.invoke(app, ["predict", str(run), "--data", str(ridge_data), "--out", str(run / "pred"), "-q"])
+        res = runner.invoke(app, ["predict", str(run), "--data", str(train_data), "--out", str(run / "pred"), "-q"])
         assert res.exit_code == 0, res.output
     for hemi in ("lh", "rh"):
         pa, pb = (np.load(r / "pred" / "subj02" / f"{hemi}_pred_test.npy") for r in (a, b))
@@ -160,10 +139,10 @@ def test_fit_ridge_primal_kernel_and_dual_storage_agree(ridge_cache, ridge_data,
     assert {r["solver"] for r in summary["subjects"]} == {"kernel"}
 
 
-def test_fit_ridge_streamed_layers_equal_in_memory(ridge_cache, ridge_data, tmp_path):
+def test_fit_ridge_streamed_layers_equal_in_memory(small_cache, train_data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _fit(ridge_cache, ridge_data, a, "--no-refit").exit_code == 0
-    assert _fit(ridge_cache, ridge_data, b, "--no-refit", "--max-memory", "1K").exit_code == 0
+    assert _fit(small_cache, train_data, a, "--no-refit").exit_code == 0
+    assert _fit(small_cache, train_data, b, "--no-refit", "--max-memory", "1K").exit_code == 0
     va, vb = (json.loads((r / "summary.json").read_text())["val"] for r in (a, b))
     assert va["median_r2"] == pytest.approx(vb["median_r2"], rel=1e-4)
 
@@ -185,14 +164,14 @@ def test_banded_ridge_prefers_the_layer_with_signal(tmp_path):
     assert (share[0] > share[1]).float().mean() > 0.8
 
 
-def test_fit_ridge_banded_run_saves_layer_weights(ridge_cache, ridge_data, tmp_path):
+def test_fit_ridge_banded_run_saves_layer_weights(small_cache, train_data, tmp_path):
     run = tmp_path / "banded"
-    res = _fit(ridge_cache, ridge_data, run, "--banded", "--n-iter", "5", "--no-refit", "--report")
+    res = _fit(small_cache, train_data, run, "--banded", "--n-iter", "5", "--no-refit", "--report")
     assert res.exit_code == 0, res.output
     html = (run / "report.html").read_text()
     assert "fit-ridge" in html and "data:image/png;base64," in html
     w = load_file(run / "weights" / "subj01.safetensors")
-    n = open_dataset(ridge_data).subjects["subj01"].n_targets
+    n = open_dataset(train_data).subjects["subj01"].n_targets
     assert w["layer_weights"].shape == (n, 2)
     torch.testing.assert_close(w["layer_weights"].sum(1), torch.ones(n))
 
@@ -206,38 +185,38 @@ def test_fit_ridge_banded_run_saves_layer_weights(ridge_cache, ridge_data, tmp_p
         (["--features", "max"], "--features 'max'"),
     ],
 )
-def test_fit_ridge_bad_inputs_write_nothing(ridge_cache, ridge_data, tmp_path, args, message):
+def test_fit_ridge_bad_inputs_write_nothing(small_cache, train_data, tmp_path, args, message):
     run = tmp_path / "run"
-    res = _fit(ridge_cache, ridge_data, run, *args)
+    res = _fit(small_cache, train_data, run, *args)
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
     assert not run.exists()
 
 
-def test_fit_ridge_refuses_a_cache_of_another_dataset(ridge_cache, small_data, tmp_path):
-    res = _fit(ridge_cache, small_data, tmp_path / "run")
+def test_fit_ridge_refuses_a_cache_of_another_dataset(small_cache, small_data, tmp_path):
+    res = _fit(small_cache, small_data, tmp_path / "run")
     assert res.exit_code == 1 and "not extracted from this dataset" in res.output
     assert not (tmp_path / "run").exists()
 
 
-def test_select_per_vertex_takes_the_better_run(ridge_cache, ridge_data, tmp_path):
+def test_select_per_vertex_takes_the_better_run(small_cache, train_data, tmp_path):
     """Two runs on the same split that differ (each sees one layer): every vertex takes the run with
     the better validation r there, and the written predictions are those runs' own, picked per vertex."""
     from blobenc.select import selection_weights
 
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _fit(ridge_cache, ridge_data, a, "--layers", "blocks.1").exit_code == 0
-    assert _fit(ridge_cache, ridge_data, b, "--layers", "blocks.3").exit_code == 0
+    assert _fit(small_cache, train_data, a, "--layers", "blocks.1").exit_code == 0
+    assert _fit(small_cache, train_data, b, "--layers", "blocks.3").exit_code == 0
     sel = tmp_path / "sel"
     res = runner.invoke(
-        app, ["predict", str(a), str(b), "--data", str(ridge_data), "--out", str(sel), "--select", "vertex"]
+        app, ["predict", str(a), str(b), "--data", str(train_data), "--out", str(sel), "--select", "vertex"]
     )
     assert res.exit_code == 0, res.output
-    ds = open_dataset(ridge_data)
+    ds = open_dataset(train_data)
     weights = load_file(sel / "selection.safetensors")
     for run in (a, b):
         assert (
             runner.invoke(
-                app, ["predict", str(run), "--data", str(ridge_data), "--out", str(run / "p"), "-q"]
+                app, ["predict", str(run), "--data", str(train_data), "--out", str(run / "p"), "-q"]
             ).exit_code
             == 0
         )
@@ -256,11 +235,11 @@ def test_select_per_vertex_takes_the_better_run(ridge_cache, ridge_data, tmp_pat
     assert (selection_weights(np.array([[0.1, 0.9], [0.3, 0.3]]), "subject") == [[1, 1], [0, 0]]).all()
 
 
-def test_select_refuses_runs_on_other_splits(ridge_cache, ridge_data, tmp_path):
+def test_select_refuses_runs_on_other_splits(small_cache, train_data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _fit(ridge_cache, ridge_data, a, "--no-refit").exit_code == 0
-    assert _fit(ridge_cache, ridge_data, b, "--no-refit", "--seed", "1").exit_code == 0
+    assert _fit(small_cache, train_data, a, "--no-refit").exit_code == 0
+    assert _fit(small_cache, train_data, b, "--no-refit", "--seed", "1").exit_code == 0
     out = tmp_path / "sel"
-    res = runner.invoke(app, ["predict", str(a), str(b), "--data", str(ridge_data), "--out", str(out)])
+    res = runner.invoke(app, ["predict", str(a), str(b), "--data", str(train_data), "--out", str(out)])
     assert res.exit_code == 1 and "validated on other images" in res.output and "Traceback" not in res.output
     assert not out.exists() or not any(out.iterdir())
