@@ -189,7 +189,7 @@ def test_fit_head_cli_positive_r2_and_predict(small_cache, train_data, tmp_path)
     )
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["val"]["median_r2"] > 0 and 0 <= summary["best_epoch"] < 6
+    assert summary["val"]["median_r2"] > 0 and -1 <= summary["best_epoch"] < 6  # -1: the closed-form start
     assert "validation R² per ROI" in res.output
     assert set(summary["val_rois"]["prf-visualrois"]["V1v"]) == {"lh", "rh"}
     assert set(summary["val"]["subjects"]) == {"subj01", "subj02", "subj03"}
@@ -415,7 +415,8 @@ def test_early_stopping_restores_the_best_weights(small_cache, train_data, tmp_p
 
     monkeypatch.setattr(fit_mod, "_evaluate", evaluate)
     monkeypatch.setattr(fit_mod, "_val_predictions", predictions)
-    summary = fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=8, patience=2)], progress=False)
+    config = [cfg(epochs=8, patience=2, init="random")]  # a random start is not validated: the script is per epoch
+    summary = fit_head(small_cache, train_data, tmp_path / "r", config, progress=False)
     assert summary["best_epoch"] == 1 and summary["trials"][0]["epochs"] == 4
     assert "early stop after epoch 3" in summary["trials"][0]["stopped"]
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -428,7 +429,7 @@ def test_early_stopping_restores_the_best_weights(small_cache, train_data, tmp_p
 
 
 def test_halving_stops_the_worse_half_and_the_survivor_trains_as_alone(small_cache, train_data, tmp_path):
-    grid = sweep_configs(cfg(epochs=4), ["lr=3e-4,1e-3,3e-3,1e-2"])
+    grid = sweep_configs(cfg(epochs=4, init="random"), ["lr=3e-4,1e-3,3e-3,1e-2"])  # ranks from the epochs alone
     summary = fit_head(small_cache, train_data, tmp_path / "h", grid, halving=2, progress=False)
     assert fit_mod.halving_rungs(4, 4) == {0: 1, 1: 1}  # keep 2 after epoch 0, then 1 after epoch 1
     curves = {}
@@ -492,6 +493,29 @@ def test_closed_form_start(small_cache, train_data, tmp_path):
     assert scores["ridge"] > scores["random"] + 0.05 and scores["pca-ridge"] > scores["random"] + 0.05
     spec = json.loads((tmp_path / "i" / "trial-01" / "model.json").read_text())
     assert spec["start"]["val_loss"] <= spec["start"]["shared_val_loss"] + 1e-6
+    # a start is validated before any step and stands as the best until an epoch beats it
+    for row in summary["trials"]:
+        if row["config"]["init"] != "random":
+            assert row["start_median_r2"] is not None and row["median_r2"] >= row["start_median_r2"]
+
+
+def test_a_start_no_epoch_beats_stays_the_best(small_cache, train_data, tmp_path, monkeypatch):
+    from blobenc.run import load_model
+
+    real = fit_mod._evaluate
+    calls = {"n": 0}
+
+    def worse_after_the_start(trials, *args):
+        calls["n"] += 1
+        out = real(trials, *args)
+        return out if calls["n"] == 1 else [v | {"median_r2": -1.0} for v in out]
+
+    monkeypatch.setattr(fit_mod, "_evaluate", worse_after_the_start)
+    summary = fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=2, init="ridge")], progress=False)
+    assert summary["best_epoch"] == -1 and summary["trials"][0]["start_median_r2"] == summary["val"]["median_r2"]
+    best, last = load_file(tmp_path / "r" / "best.safetensors"), load_file(tmp_path / "r" / "last.safetensors")
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # trained on, but the start is kept
+    load_model(tmp_path / "r")
 
 
 def test_fit_head_bad_inputs(small_cache, train_data, tmp_path):
@@ -770,12 +794,18 @@ def test_non_finite_loss_stops_and_keeps_best(small_cache, train_data, tmp_path,
     monkeypatch.setattr(loop, "embedded_mse", poisoned)
     from blobenc.train.fit import TrainingError
 
-    summary = fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=3, batch_size=64)], progress=False)
+    config = cfg(epochs=3, batch_size=64, init="random")
+    summary = fit_head(small_cache, train_data, tmp_path / "r", [config], progress=False)
     assert "loss became nan" in summary["trials"][0]["failed"]
     assert (tmp_path / "r/best.safetensors").is_file() and summary["best_epoch"] >= 0
     calls["n"] = 10  # from the first step: no epoch ever finishes
     with pytest.raises(TrainingError, match="every trial stopped: loss became nan at epoch 0"):
-        fit_head(small_cache, train_data, tmp_path / "r2", [cfg(epochs=2, batch_size=64)], progress=False)
+        fit_head(
+            small_cache, train_data, tmp_path / "r2", [cfg(epochs=2, batch_size=64, init="random")], progress=False
+        )
+    calls["n"] = 10  # a closed-form start was validated before any step: it stands
+    summary = fit_head(small_cache, train_data, tmp_path / "r3", [cfg(epochs=2, batch_size=64)], progress=False)
+    assert summary["best_epoch"] == -1 and "loss became nan at epoch 0" in summary["trials"][0]["failed"]
 
 
 def test_reuse_pca_file(small_cache, train_data, tmp_path):
