@@ -29,6 +29,7 @@ from blobenc.data.base import (
     GroupSpace,
     ImageIndex,
     ValidationSplit,
+    pick_subjects,
     read_prediction_file,
     write_array,
 )
@@ -197,11 +198,7 @@ class AlgonautsDataset(DatasetBase):
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and _SUBJECT_RE.match(p.name))
         if not found:
             raise DataError(f"{self.root}: no subject folders (expected subj01, subj02, ...)")
-        if subjects:
-            missing = [s for s in subjects if s not in found]
-            if missing:
-                raise DataError(f"{self.root}: subject folder {missing[0]} not found; found {', '.join(found)}")
-            found = [s for s in found if s in subjects]
+        found = pick_subjects(self.root, found, subjects)
         self.subjects: dict[str, AlgonautsSubject] = {name: self._open_subject(self.root / name) for name in found}
 
     @staticmethod

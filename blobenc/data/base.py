@@ -355,6 +355,16 @@ def verify_images(paths: Sequence[Path], workers: int = 8) -> None:
                 raise DataError(err)
 
 
+def pick_subjects(folder: Path, found: list[str], wanted: Sequence[str] | None) -> list[str]:
+    """The subject folders `found`, narrowed to `wanted` when given (each must be there)."""
+    if not wanted:
+        return found
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        raise DataError(f"{folder}: subject folder {missing[0]} not found; found {', '.join(found)}")
+    return [s for s in found if s in wanted]
+
+
 def open_dataset(root: Path | str, subjects: Sequence[str] | None = None) -> Dataset:
     """Open a dataset of either layout: `ROOT/dataset.yaml` with `format: blobenc-generic/1` is
     the generic layout; `ROOT/subjNN/` folders the Algonauts 2023 layout."""

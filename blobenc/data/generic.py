@@ -36,6 +36,7 @@ from blobenc.data.base import (
     WHOLE,
     Dataset,
     DatasetBase,
+    pick_subjects,
     read_prediction_file,
     write_array,
 )
@@ -188,11 +189,7 @@ class GenericDataset(DatasetBase):
         found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not found:
             raise DataError(f"{folder}: no subject folders")
-        if subjects:
-            missing = [s for s in subjects if s not in found]
-            if missing:
-                raise DataError(f"{folder}: subject folder {missing[0]} not found; found {', '.join(found)}")
-            found = [s for s in found if s in subjects]
+        found = pick_subjects(folder, found, subjects)
 
         parsed = {name: self._read_subject(folder / name) for name in found}
         self.space_size = self._space(parsed, space)
