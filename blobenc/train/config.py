@@ -30,7 +30,7 @@ class HeadConfig:
     lr: float = 2e-3  # reference: 6e-4
     weight_decay: float = 0.8
     dropout: float = 0.5  # reference: 0.9
-    hidden_dim: int = 128  # reference: 1024
+    hidden_dim: int = 256  # reference: 1024
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.05
