@@ -9,8 +9,7 @@ rm -rf "$out"
 blobenc synth "$out/data" --quiet
 blobenc extract "$out/data" --model vit_tiny_patch16_224 --no-pretrained \
     --layers 'blocks.[0369]' --layers blocks.11 --out "$out/cache"
-blobenc fit-head "$out/cache" --data "$out/data" --out "$out/run" \
-    --set epochs=10 --set batch_size=64 --set hidden_dim=256
+blobenc fit-head "$out/cache" --data "$out/data" --out "$out/run"  # defaults: schedule and PCA sized to the data
 blobenc predict "$out/run" --data "$out/data" --subject all --out "$out/pred-phase1" --quiet
 blobenc fit-ridge "$out/cache" --data "$out/data" --out "$out/ridge" --quiet  # the bar the head must clear
 blobenc predict "$out/ridge" --data "$out/data" --subject all --out "$out/pred-ridge" --quiet

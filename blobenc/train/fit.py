@@ -278,7 +278,7 @@ def fit_head(
         starts = closed_form_start(models, data, base.batch_size, *built[0][3].embedding())
     trials: list = []
     for (tdir, cfg, spec, model, idx), start in zip(built, starts, strict=True):
-        add_trial(
+        trial = add_trial(
             trials,
             tdir.name if len(configs) > 1 else "run",
             tdir,
@@ -291,6 +291,7 @@ def fit_head(
             distributed,
             main,
         )
+        trial.validate_start = start is not None  # a closed-form start: the best until an epoch beats it
     summary = train_trials(
         out, trials, data, base, device, amp, resume, progress, "fit-head", checkpoint_minutes, halving
     )
@@ -541,7 +542,7 @@ def _halve(trials, epoch: int, eta: int, times: int) -> None:
 def _validate_starts(trials, data, base, device, amp) -> None:
     """Validate the closed-form starts (config `init`) before any step: a start is the best weights
     until an epoch beats it (best_epoch -1), so training can only improve on it."""
-    starts = [t for t, _ in trials if t.config.init != "random"]
+    starts = [t for t, _ in trials if t.validate_start]
     for trial, val in zip(starts, _evaluate(starts, data, base.batch_size, device, amp) if starts else [], strict=True):
         trial.start_val = val
         if val["median_r2"] > trial.best_score:
