@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI: waiting OpenMP threads sleep on a shared CPU
 
 import numpy as np
 import torch

@@ -515,14 +515,15 @@ def _validate(trials, data, base, device, amp, epoch: int) -> dict[int, dict]:
 
 def halving_rungs(n_trials: int, epochs: int, eta: int = 2) -> dict[int, int]:
     """{epoch (0-based): halvings after it} for successive halving of n trials over `epochs`: the
-    rounds end at epochs E/eta^R, ..., E/eta (R = ceil(log_eta n)), each keeping the best 1/eta, so
-    one trial is left for the last E/eta. 8 trials cost (1 + 3/2) x one trial's steps with eta 2."""
+    rounds end after epochs E/eta^R, ..., E/eta (R = ceil(log_eta n); rounded down, at least one
+    epoch), each keeping the best 1/eta, so one trial is left for the last E/eta or more. 8 trials
+    cost (1 + 3/2) x one trial's steps with eta 2 (less where the rounding cuts the early rounds)."""
     if n_trials < 2:
         return {}
     rounds = math.ceil(math.log(n_trials, eta) - 1e-9)
     rungs: dict[int, int] = {}
     for k in range(rounds):
-        epoch = max(0, math.ceil(epochs * eta ** (k - rounds)) - 1)
+        epoch = max(0, math.floor(epochs * eta ** (k - rounds)) - 1)
         rungs[epoch] = rungs.get(epoch, 0) + 1
     return rungs
 

@@ -39,11 +39,24 @@ def check_init(name: str) -> None:
 def closed_form_start(models: list[tuple], data, batch_size: int, weight: torch.Tensor, bias: torch.Tensor) -> list:
     """Set the start of every (model, layer_idx, init) in `models` whose init is not `random`, from one
     pass over the training and one over the validation samples; `weight` (V, P) and `bias` (V,) are
-    the frozen embedding. Returns per model what was chosen (penalties, validation loss), or None."""
-    todo = [(m, idx, how) for m, idx, how in models if how != "random"]
-    for m, _, how in todo:
+    the frozen embedding. Returns per model what was chosen (penalties, validation loss), or None.
+
+    Models that start identical (same architecture, init and random init: a sweep over lr, dropout or
+    weight decay) share one computation: the first one's start is copied to the others."""
+    for _, _, how in models:
         check_init(how)
-        m.eval()
+    todo, copies = [], {}  # copies: id(model) -> the model whose start it takes
+    first_of: dict = {}
+    for m, idx, how in models:
+        if how == "random":
+            continue
+        key = (how, tuple(idx), _fingerprint(m))
+        if key in first_of:
+            copies[id(m)] = first_of[key]
+        else:
+            first_of[key] = m
+            todo.append((m, idx, how))
+            m.eval()
     if not todo:
         return [None for _ in models]
     if any(how == "pca-ridge" for _, _, how in todo):
@@ -62,7 +75,17 @@ def closed_form_start(models: list[tuple], data, batch_size: int, weight: torch.
         chosen[id(m)] = _fit_maps(
             m, train[k], val[k][inverse], train["subject"], val["subject"][inverse], train["extra"].double(), r_val
         )
+    for m, _, _ in models:
+        if id(m) in copies:
+            m.load_state_dict(copies[id(m)].state_dict())
+            m.eval()
+            chosen[id(m)] = chosen[id(copies[id(m)])]
     return [chosen.get(id(m)) for m, _, _ in models]
+
+
+def _fingerprint(model) -> tuple:
+    """What makes two heads' starts equal: their parameter and buffer shapes and values."""
+    return tuple((k, tuple(v.shape), hash(v.detach().cpu().numpy().tobytes())) for k, v in model.state_dict().items())
 
 
 def _pooled_pca(data, batch_size: int) -> list[torch.Tensor]:
