@@ -448,6 +448,22 @@ def test_halving_stops_the_worse_half_and_the_survivor_trains_as_alone(small_cac
     solo = fit_head(small_cache, train_data, tmp_path / "solo", [grid[after_1]], progress=False)
     _same_weights(tmp_path / "h" / f"trial-{after_1:02d}" / "last.safetensors", tmp_path / "solo" / "last.safetensors")
     assert solo["trials"][0]["median_r2"] == pytest.approx(rows[f"trial-{after_1:02d}"]["median_r2"], abs=1e-6)
+    for k in range(4):  # every trial's checkpoints are written, the halved ones' too
+        for name in ("best.safetensors", "last.safetensors", "state.safetensors", "summary.json"):
+            assert (tmp_path / "h" / f"trial-{k:02d}" / name).is_file()
+
+
+def test_halving_run_resumes_after_ctrl_c(small_cache, train_data, tmp_path, monkeypatch):
+    grid = sweep_configs(cfg(epochs=4, init="random"), ["lr=3e-4,1e-3,3e-3,1e-2"])
+    fit_head(small_cache, train_data, tmp_path / "whole", grid, halving=2, progress=False)
+    _interrupt_at(monkeypatch, 40)  # 4 trials x 6 batches, 2 x 6, then the survivor's 4th batch of epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(small_cache, train_data, tmp_path / "cut", grid, halving=2, progress=False)
+    monkeypatch.undo()
+    fit_head(small_cache, train_data, tmp_path / "cut", grid, halving=2, resume=True, progress=False)
+    for k in range(4):
+        for name in ("best.safetensors", "last.safetensors"):
+            _same_weights(tmp_path / "whole" / f"trial-{k:02d}" / name, tmp_path / "cut" / f"trial-{k:02d}" / name)
 
 
 def test_search_draws_configs_over_the_space():

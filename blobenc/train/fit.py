@@ -421,13 +421,16 @@ def train_trials(
                 last = epoch == base.epochs - 1 or not any(t.active for t, _ in trials)
                 due = last or time.perf_counter() - last_write >= 60 * checkpoint_minutes
                 for trial, tdir in trials:
+                    # a trial stopped earlier is written once more if it changed since its last write
+                    dirty = trial.active or not trial.best_written or trial.written_step != trial.step
+                    written = _checkpoint(trial, tdir, (epoch + 1, 0)) if due and main and dirty else 0
                     record = records.get(id(trial))
                     if record is None:
-                        continue  # a trial that failed in an earlier epoch
+                        continue  # a trial that stopped in an earlier epoch
                     record |= {
                         "seconds": time.perf_counter() - t_epoch,
                         "samples_per_s": n_epoch / max(train_s, 1e-9),
-                        "bytes_written": _checkpoint(trial, tdir, (epoch + 1, 0)) if due and main else 0,
+                        "bytes_written": written,
                     }
                     if main:
                         with (tdir / "metrics.jsonl").open("a") as f:
@@ -576,6 +579,7 @@ def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
         trial.best_written = True
     state = trained_state(trial.model, trial.keep_embedding)
     written += save_weights(tdir / "last.safetensors", state, {"step": trial.step})
+    trial.written_step = trial.step
     tensors, groups = optimizer_state(trial.optimizer)
     tensors["rng_state"] = trial.rng_state
     meta = {
@@ -623,7 +627,7 @@ def _restore(trials) -> tuple[int, int]:
     position (epoch, batches of it done) the run goes on from."""
     from safetensors import safe_open
 
-    positions = set()
+    positions, active = set(), set()
     for trial, tdir in trials:
         path = tdir / "state.safetensors"
         if not path.is_file():
@@ -651,10 +655,13 @@ def _restore(trials) -> tuple[int, int]:
         if math.isfinite(trial.best_score):
             trial.best_state = load_weights(tdir / "best.safetensors")
             trial.best_val = read_json(tdir / "summary.json")["val"]
-        positions.add((int(meta["epoch"]), int(meta["batch"])))
-    if len(positions) != 1:
+        positions.add(position := (int(meta["epoch"]), int(meta["batch"])))
+        if trial.active:
+            active.add(position)
+        trial.written_step = trial.step
+    if len(active) > 1:  # a stopped trial's state may be older: it trains no more
         raise ConfigError("trials stopped at different positions; cannot resume them in one pass")
-    return positions.pop()
+    return active.pop() if active else max(positions)
 
 
 def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, Trial, Path]:

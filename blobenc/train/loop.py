@@ -115,6 +115,7 @@ class Trial:
     best_val: dict | None = None  # validation scores at the best epoch
     start_val: dict | None = None  # validation scores of a closed-form start, before any step
     validate_start: bool = False  # validate the weights before any step (fit-head's closed-form starts)
+    written_step: int = -1  # the step of the last weights written (last.safetensors)
     best_state: dict[str, torch.Tensor] | None = None  # trained weights at the best epoch, in memory
     best_written: bool = True  # False while best_state is newer than best.safetensors
     failed: str | None = None  # a non-finite loss: not trained further
