@@ -16,6 +16,8 @@ import yaml
 
 from blobenc.errors import ConfigError
 
+INITS = ("random", "ridge", "pca-ridge")  # the head's starts (blobenc/train/init.py)
+
 
 @dataclass(frozen=True)
 class HeadConfig:
@@ -59,8 +61,8 @@ class HeadConfig:
             raise ConfigError(f"val_fraction={self.val_fraction}: expected a fraction in (0, 1)")
         if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip <= 0):
             raise ConfigError("weight_decay must be >= 0 and grad_clip > 0 when set")
-        if self.init not in ("random", "ridge", "pca-ridge"):
-            raise ConfigError(f"init={self.init!r}: expected random, ridge or pca-ridge")
+        if self.init not in INITS:
+            raise ConfigError(f"init={self.init!r}: expected one of {', '.join(INITS)}")
         if self.accumulate < 1 or (self.batch_size is not None and self.accumulate > self.batch_size):
             raise ConfigError(f"accumulate={self.accumulate}: expected 1 to batch_size={self.batch_size}")
 

@@ -21,18 +21,12 @@ import logging
 import numpy as np
 import torch
 
-from blobenc.errors import ConfigError
 from blobenc.heads import tokens
+from blobenc.train.config import HeadConfig
 
 logger = logging.getLogger(__name__)
 
-INITS = ("random", "ridge", "pca-ridge")
 PENALTIES = np.logspace(-2, 5, 15)  # ridge penalties tried, relative to the mean eigenvalue of HᵀH
-
-
-def check_init(name: str) -> None:
-    if name not in INITS:
-        raise ConfigError(f"init={name!r}: expected one of {', '.join(INITS)}")
 
 
 @torch.no_grad()
@@ -44,7 +38,7 @@ def closed_form_start(models: list[tuple], data, batch_size: int, weight: torch.
     Models that start identical (same architecture, init and random init: a sweep over lr, dropout or
     weight decay) share one computation: the first one's start is copied to the others."""
     for _, _, how in models:
-        check_init(how)
+        HeadConfig(init=how).check()  # an unknown init is refused with the valid ones
     todo, copies = [], {}  # copies: id(model) -> the model whose start it takes
     first_of: dict = {}
     for m, idx, how in models:
