@@ -42,17 +42,14 @@ def embedding_keys(model: torch.nn.Module) -> list[str]:
     keys = []
     for prefix, module in model.named_modules():
         if hasattr(module, "set_embedding"):
-            keys += [
-                f"{prefix}.embed.weight" if prefix else "embed.weight",
-                f"{prefix}.embed.bias" if prefix else "embed.bias",
-            ]
+            keys += [f"{prefix}.embed.{name}".lstrip(".") for name in ("weight", "bias")]
     return keys
 
 
 def trained_state(model: torch.nn.Module, embedding: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict a checkpoint holds: everything but the frozen embedding, which the run's
-    PCA file holds once (V x P floats: 324 of the 419 MB of a reference-size head). With `embedding` (a run with
-    no PCA file, e.g. a finetune of an imported reference head) the embedding is kept."""
+    """The state dict a checkpoint holds: everything but the frozen embedding, which the run's PCA
+    file holds once (V x P floats: 324 of the 419 MB of a reference-size head). With `embedding`
+    (a run with no PCA file, e.g. a finetune of an imported reference head) the embedding is kept."""
     skip = set() if embedding else set(embedding_keys(model))
     return {k: v for k, v in model.state_dict().items() if k not in skip}
 
