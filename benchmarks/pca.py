@@ -3,8 +3,9 @@
     python benchmarks/pca.py [--samples 4000] [--components 256] [--backend sklearn] [--baseline OLD_CHECKOUT]
     python benchmarks/pca.py --compare [--samples 7200 --components 2048]   # torch vs scikit-learn
 
-Responses are random data in a 39548-vertex group space with a decaying spectrum (a rank-256
-signal whose component variances fall as 1/i, plus isotropic noise) where a quarter of the
+Responses are random data in a 39548-vertex group space with a decaying spectrum (a signal of
+rank 2 x components whose component variances fall as 1/i, plus isotropic noise, so that every
+fitted component is signal) where a quarter of the
 samples lack 700 vertices (as subjects 6 and 8 do), fitted as fit-head does (in place, with
 two EM passes for the missing entries). Each fit runs in a child process; its memory is the
 peak of the arrays it allocates beyond the responses and mask (tracemalloc, which numpy
@@ -39,9 +40,9 @@ except ImportError:  # an older checkout
     pass
 n, v, k, backend, save = {n}, {v}, {k}, {backend!r}, {save!r}
 rng = np.random.default_rng(0)
-rank = 256
+rank = 2 * k
 basis = rng.standard_normal((rank, v), dtype=np.float32) / np.sqrt(v)
-scale = (30 / np.sqrt(np.arange(1, rank + 1))).astype(np.float32)  # variances falling as 1/i
+scale = np.sqrt(2e5 / np.arange(1, rank + 1)).astype(np.float32)  # variances 2e5 / i: above the noise
 Y = np.empty((n, v), dtype=np.float32)
 for i in range(0, n, 256):  # by blocks, so generating the data leaves no peak of its own
     rows = min(256, n - i)

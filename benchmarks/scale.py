@@ -1,18 +1,20 @@
 """Scale benchmark: the whole CLI pipeline at a given number of training images per subject, with
 the CPU time each command spends in user and kernel (system) mode.
 
-    python benchmarks/scale.py --workdir /tmp/scale --train-images 250 [--baseline CHECKOUT]
-                               [--baseline-env OMP_WAIT_POLICY=ACTIVE ...] [--skip fit-ridge]
+    python benchmarks/scale.py --workdir /tmp/scale --train-images 250 [--checkout COPY]
+                               [--baseline CHECKOUT] [--baseline-env OMP_WAIT_POLICY=ACTIVE ...]
+                               [--skip fit-ridge]
 
 `blobenc synth` (8 subjects, `--vertices full --image-size 64`) writes the dataset once per
-size; then, each as its own process under `/usr/bin/time` (wall, user, sys, peak RSS, page
-faults, context switches), with `--profile` so every run folder also holds its profile.json:
+size; then, each as its own process with the kernel's accounting of it (wall, user, sys, peak RSS,
+page faults, context switches; what `/usr/bin/time -v` reports), with `--profile` so every run folder also holds its profile.json:
   * extract: vit_tiny_patch16_224, random init, layers blocks.[0369] and blocks.11;
   * fit-head with defaults; fit-ridge with defaults;
   * predict from the fit-head run (test split, scored).
 `--baseline` runs the same commands with another checkout's blobenc (e.g. a `git worktree` of the
 commit before a change), after this checkout's, on the same dataset: one table, both measured
 in the same run. `--baseline-env KEY=VALUE` adds environment to the baseline's commands only.
+`--checkout` runs "this" side from a copy too (a working tree others keep editing, frozen).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from _report import report
@@ -31,7 +34,6 @@ LAYERS = ["--layers", "blocks.[0369]", "--layers", "blocks.11"]
 TRUNK = ["--model", "vit_tiny_patch16_224", "--no-pretrained"]
 SYNTH = ["--vertices", "full", "--image-size", "64"]
 STEPS = ("extract", "fit-head", "fit-ridge", "predict")
-TIME_FORMAT = "%e %U %S %M %R %F %w %c"
 
 
 def blobenc(checkout: Path | None) -> list[str]:
@@ -41,22 +43,24 @@ def blobenc(checkout: Path | None) -> list[str]:
 
 
 def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run one command under /usr/bin/time; its measures, output in `log`."""
-    stats = log.with_suffix(".time")
+    """Run one command; its wall time and the kernel's accounting of it (`os.wait4`: the same
+    figures `/usr/bin/time -v` prints, without needing that program), output in `log`."""
     with log.open("w") as out:
-        timer = ["/usr/bin/time", "-o", str(stats), "-f", TIME_FORMAT]
-        res = subprocess.run([*timer, *cmd], stdout=out, stderr=out, env=env)
-    if res.returncode:
-        sys.exit(f"failed ({res.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    wall, user, sys_, rss, minflt, majflt, vcs, ics = stats.read_text().split()[-8:]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        sys.exit(f"failed ({code}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
     return {
-        "wall": float(wall),
-        "user": float(user),
-        "sys": float(sys_),
-        "rss_gb": int(rss) / 2**20,
-        "faults": int(minflt) + int(majflt),
-        "vcs": int(vcs),
-        "ics": int(ics),
+        "wall": wall,
+        "user": ru.ru_utime,
+        "sys": ru.ru_stime,
+        "rss_gb": ru.ru_maxrss / 2**20,  # KiB on Linux
+        "faults": ru.ru_minflt + ru.ru_majflt,
+        "vcs": ru.ru_nvcsw,
+        "ics": ru.ru_nivcsw,
     }
 
 
@@ -120,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--train-images", type=int, default=250, help="training images per subject")
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--test-images", type=int, default=40)
+    p.add_argument("--checkout", type=Path, default=None, help="run this side from a copy (default: installed)")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same commands with")
     p.add_argument("--baseline-env", nargs="*", default=[], help="KEY=VALUE for the baseline's commands only")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
@@ -136,7 +141,8 @@ def main(argv=None) -> None:
 
     ds = open_dataset(data)
     n_images = len(ds.unique_images())
-    runs = {"this checkout": pipeline("this checkout", data, root / "this", None, {}, set(args.skip))}
+    this = args.checkout.resolve() if args.checkout else None
+    runs = {"this checkout": pipeline("this checkout", data, root / "this", this, {}, set(args.skip))}
     if args.baseline:
         env = dict(kv.split("=", 1) for kv in args.baseline_env)
         label = f"baseline {args.baseline}" + (f" ({' '.join(args.baseline_env)})" if env else "")
