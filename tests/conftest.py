@@ -55,6 +55,8 @@ def small_cache(train_data, tmp_path_factory) -> Path:
 
     index = open_dataset(train_data).unique_images()
     out = tmp_path_factory.mktemp("cache") / "cache"
-    cfg = ExtractConfig(trunk=TrunkSpec("test_vit", False), layers=("blocks.[13]",), num_workers=0, chunk_images=16)
+    cfg = ExtractConfig(
+        trunk=TrunkSpec("test_vit", False), layers=("blocks.[13]",), num_workers=0, chunk_images=16, device="cpu"
+    )
     extract(index.keys, list(index.paths), out, cfg, progress=False)
     return out

@@ -231,8 +231,8 @@ def test_predict_cached_equals_trunk_path(small_cache, train_data, tmp_path):
     from blobenc.predict import predict
 
     fit_head(small_cache, train_data, tmp_path / "run", [cfg(epochs=1)], progress=False)
-    predict(tmp_path / "run", train_data, tmp_path / "cached", "subj02", progress=False)
-    predict(tmp_path / "run", train_data, tmp_path / "trunk", "subj02", use_cache=False, progress=False)
+    predict(tmp_path / "run", train_data, tmp_path / "cached", "subj02", device="cpu", progress=False)
+    predict(tmp_path / "run", train_data, tmp_path / "trunk", "subj02", device="cpu", use_cache=False, progress=False)
     for hemi in ("lh", "rh"):
         a = np.load(tmp_path / "cached" / "subj02" / f"{hemi}_pred_test.npy")
         b = np.load(tmp_path / "trunk" / "subj02" / f"{hemi}_pred_test.npy")
@@ -406,11 +406,11 @@ def test_early_stopping_restores_the_best_weights(small_cache, train_data, tmp_p
     def evaluate(trials, *args):
         out = real_evaluate(trials, *args)
         epoch = sum(isinstance(k, int) for k in weights)
-        weights[epoch] = {k: v.clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
+        weights[epoch] = {k: v.detach().cpu().clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
         return [v | {"median_r2": next(scripted)} for v in out]
 
     def predictions(trials, *args):  # the last call: the best trial's tables at the end of the run
-        weights["final"] = {k: v.clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
+        weights["final"] = {k: v.detach().cpu().clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
         return real_predictions(trials, *args)
 
     monkeypatch.setattr(fit_mod, "_evaluate", evaluate)
@@ -768,6 +768,8 @@ def test_predict_images_folder(small_cache, train_data, tmp_path):
             str(folder),
             "--out",
             str(tmp_path / "pred"),
+            "--device",
+            "cpu",
             "--quiet",
         ],
     )
@@ -788,6 +790,8 @@ def test_predict_images_folder(small_cache, train_data, tmp_path):
             "subj03",
             "--out",
             str(tmp_path / "ref"),
+            "--device",
+            "cpu",
             "--quiet",
         ],
     )

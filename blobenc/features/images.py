@@ -62,6 +62,6 @@ class ImageViews(Dataset):
         out = [self.transform(img)]
         for v in range(1, self.views):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, row, v)) & 0x7FFF_FFFF)
+                torch.default_generator.manual_seed(hash((self.seed, row, v)) & 0x7FFF_FFFF)
                 out.append(self.augment(img))
         return row, torch.stack(out), ""

@@ -112,7 +112,7 @@ class _Images(TorchDataset):
         from PIL import Image
 
         with torch.random.fork_rng(devices=[]):  # crops depend on (seed, epoch, sample) only: resumable
-            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
+            torch.default_generator.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
             try:
                 with Image.open(self.paths[i]) as im:
                     return self.transform(im.convert("RGB")), ""
@@ -134,7 +134,7 @@ class ImageData(SplitTargets):
         super().__init__(dataset, split, device)
         self.augment = augment_transform(prep, config.crop_scale)
         self.eval = eval_transform(prep)
-        self.workers = default_workers() if config.num_workers is None else config.num_workers
+        self.workers = default_workers(device) if config.num_workers is None else config.num_workers
         self.pin = device.type == "cuda"
         self.input_size = prep["input_size"]
 

@@ -177,10 +177,9 @@ def add_trial(
 ) -> Trial:
     """Set up a trial's optimizer and schedule (DDP-wrapped under torchrun) and write its config files."""
     trial = Trial(name, cfg, model, layer_idx, keep_embedding=not spec.get("pca"))
-    trial.setup(total_steps)
+    trial.setup(total_steps, device, seed_offset=rank() if distributed else 0)
     if distributed:  # gradients averaged across ranks; each rank trains on its slice of every batch
         trial.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        trial.rng_state = torch.Generator().manual_seed(head_seed(cfg) + rank()).get_state()
     if main:
         tdir.mkdir(exist_ok=True)
         write_json(tdir / "model.json", spec)
@@ -644,7 +643,10 @@ def _restore(trials) -> tuple[int, int]:
             )
         load_state(trial.model, load_weights(tdir / "last.safetensors"))  # the embedding stays the run PCA's
         load_optimizer_state(trial.optimizer, tensors, meta["param_groups"])
-        trial.rng_state = tensors["rng_state"]
+        if tensors["rng_state"].numel() == trial.rng_state.numel():
+            trial.rng_state = tensors["rng_state"]
+        else:  # written on another device type (CPU <-> CUDA): its state does not fit this generator
+            logger.warning("%s: resumed on another device type; dropout draws a new random stream", tdir)
         trial.step = int(meta["step"])
         trial.scheduler.step_update(trial.step)
         trial.best_score, trial.best_epoch = float(meta["best_score"]), int(meta["best_epoch"])

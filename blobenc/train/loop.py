@@ -129,11 +129,28 @@ class Trial:
     def active(self) -> bool:
         return not self.failed and not self.stopped
 
-    def setup(self, total_steps: int) -> None:
+    def setup(self, total_steps: int, device: torch.device, seed_offset: int = 0) -> None:
         self.optimizer = configure_optimizer(self.model, self.config)
         self.scheduler = configure_scheduler(self.optimizer, self.config, total_steps)
         self.scheduler.step_update(0)
-        self.rng_state = torch.Generator().manual_seed(head_seed(self.config)).get_state()
+        self.rng_state = dropout_rng_state(head_seed(self.config) + seed_offset, device)
+
+
+def dropout_rng_state(seed: int, device: torch.device) -> torch.Tensor:
+    """A fresh state of the generator dropout draws from on `device`: CUDA kernels draw from the
+    device's own generator, whose state has another format than the CPU's."""
+    return torch.Generator(device).manual_seed(seed).get_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _get_rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def train_step(
@@ -149,7 +166,7 @@ def train_step(
     """One optimizer step of one trial, over `config.accumulate` micro-batches. Each trial draws
     dropout from its own RNG state, so trials trained together in one pass equal the same configs
     trained alone."""
-    torch.set_rng_state(trial.rng_state)
+    _set_rng_state(trial.rng_state, device)
     trial.model.train()
     net = trial.net or trial.model
     trial.optimizer.zero_grad(set_to_none=True)
@@ -172,7 +189,7 @@ def train_step(
         trial.optimizer.step()
     trial.step += 1
     trial.scheduler.step_update(trial.step)
-    trial.rng_state = torch.get_rng_state()
+    trial.rng_state = _get_rng_state(device)
     return total
 
 
