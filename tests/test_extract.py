@@ -288,3 +288,31 @@ def test_pretrained_offline_points_to_weights_and_no_pretrained(small_data, tmp_
     assert "cannot download pretrained weights for 'test_vit'" in res.output
     assert "--weights FILE" in res.output and "--no-pretrained" in res.output
     assert not (tmp_path / "c").exists()  # nothing written before the trunk exists
+
+
+def test_read_rows_few_rows_by_byte_range_many_by_chunk(small_cache, monkeypatch):
+    """A few rows of a chunk are read by byte range, most of a chunk through zarr: the same rows
+    either way, in the order asked, for every layer."""
+    cache = FeatureCache.open(small_cache)
+    chunk = cache.attrs["chunk_images"]
+    n = len(cache.attrs["images"])
+    sparse_calls = []
+    real = FeatureCache._read_sparse
+
+    def spy(self, arr, c, local):
+        block = real(self, arr, c, local)
+        sparse_calls.append(block is not None)
+        return block
+
+    monkeypatch.setattr(FeatureCache, "_read_sparse", spy)
+    few = np.array([chunk + 3, 1, n - 1, chunk + 2])  # 1-2 rows of three chunks: byte ranges
+    most = np.arange(chunk)[::-1]  # a whole chunk, backwards: zarr
+    for layer in cache.layers:
+        arr = zarr.open_group(small_cache, mode="r")[layer]
+        for rows in (few, most):
+            got = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
+            for positions, block in cache.read_rows(layer, rows):
+                got[positions] = block
+            np.testing.assert_array_equal(got, arr[:][rows])
+    assert sparse_calls and all(sparse_calls)  # taken for `few` only, and never fell back
+    assert len(sparse_calls) == 3 * len(cache.layers)

@@ -8,7 +8,9 @@ flag is set: a half-written store is never taken for a complete one.
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,12 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec
 
 from blobenc.errors import CacheError
 
 FORMAT = "blobenc.features"
 VERSION = 1
 DONE = "_chunk_done"
+# Rows of a chunk read one by one while they are fewer than chunk_images / SPARSE_FRACTION.
+SPARSE_FRACTION = 4
 # Settings that must match for a resume; everything else in the attributes is derived.
 IDENTITY_KEYS = (
     "model",
@@ -179,19 +184,53 @@ class FeatureCache:
     def read_rows(
         self, layer: str, rows: np.ndarray, view: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions, block) pairs covering `rows` of a layer, one per cache chunk touched: whole
-        chunks are read (zarr's per-index selection costs ~15 ms an index) and block[j] is row
-        rows[positions[j]]. `view` picks one view of a multi-view cache."""
+        """(positions, block) pairs covering `rows` of a layer, one per cache chunk touched: block[j]
+        is row rows[positions[j]]. `view` picks one view of a multi-view cache.
+
+        zarr reads whole chunks (its per-index selection costs ~15 ms an index), which is right
+        when most of a chunk's rows are wanted (training). A few rows of a chunk (test images,
+        scattered among the training images in key order) are read on their own: chunks are
+        stored uncompressed, so a row is one contiguous byte range of the chunk's file. Predicting
+        8 subjects' 40 test images at 1,000 training images per subject read 1.6 GB for 121 MB."""
         rows = np.asarray(rows, dtype=np.int64)
         arr = self.array(layer)
         chunk = self.attrs["chunk_images"]
         of_chunk = rows // chunk
         for c in np.unique(of_chunk).tolist():
             positions = np.flatnonzero(of_chunk == c)
-            block = arr[c * chunk : min((c + 1) * chunk, arr.shape[0])][rows[positions] - c * chunk]
+            local = rows[positions] - c * chunk
+            block = None
+            if len(positions) * SPARSE_FRACTION < chunk:
+                block = self._read_sparse(arr, c, local)
+            if block is None:
+                block = arr[c * chunk : min((c + 1) * chunk, arr.shape[0])][local]
             if view is not None and self.attrs["views"] > 1:
                 block = block[:, view]
             yield positions, block
+
+    def _read_sparse(self, arr: zarr.Array, c: int, local: np.ndarray) -> np.ndarray | None:
+        """Rows `local` of chunk `c` read by byte range from its file; None where that layout does
+        not hold (compressed or transposed chunks, a chunk not written)."""
+        meta = arr.metadata
+        plain = len(meta.codecs) == 1 and isinstance(meta.codecs[0], BytesCodec)
+        if not plain or (arr.dtype.itemsize > 1 and meta.codecs[0].endian.value != sys.byteorder):
+            return None
+        if tuple(meta.chunk_grid.chunk_shape[1:]) != arr.shape[1:]:
+            return None
+        file = self.path / arr.path / meta.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+        out = np.empty((len(local), *arr.shape[1:]), dtype=arr.dtype)
+        row_bytes = out[0].nbytes if len(out) else 0
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            for j, r in enumerate(local.tolist()):
+                if os.preadv(fd, [memoryview(out[j]).cast("B")], r * row_bytes) != row_bytes:
+                    return None  # a short file: let zarr read it (and complain)
+        finally:
+            os.close(fd)
+        return out
 
     def done_flags(self) -> np.ndarray:
         return self.group[DONE][:].astype(bool)
