@@ -51,7 +51,7 @@ def predict_selected(
     runs: list[Path | str],
     data_root: Path | str,
     out: Path | str,
-    select: str = "vertex",
+    select: str = "blend",  # measured above vertex on two datasets (docs/benchmarks.md)
     subjects: str = "all",
     progress: bool = True,
     **predict_kwargs,

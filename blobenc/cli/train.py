@@ -189,8 +189,8 @@ def predict_command(
     select: Annotated[
         str | None,
         typer.Option(
-            help="With several runs: per 'vertex' (default), per 'subject' the run with the best validation r, "
-            "or a 'blend' weighted by r²."
+            help="With several runs: a 'blend' weighted by validation r² per vertex (default), per 'vertex' "
+            "the run with the best validation r, or per 'subject'."
         ),
     ] = None,
     json_out: JsonOpt = None,
@@ -211,7 +211,7 @@ def predict_command(
                         "--select predicts the test split from each run's own cache (no --split/--images/--cache)"
                     )
                 selected = predict_selected(
-                    runs, data, out, select or "vertex", subject, progress=not quiet,
+                    runs, data, out, select or "blend", subject, progress=not quiet,
                     batch_size=batch_size, device=device, precision=precision,
                 )  # fmt: skip
                 scores = selected["scores"]
