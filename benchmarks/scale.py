@@ -6,8 +6,9 @@ the CPU time each command spends in user and kernel (system) mode.
                                [--skip fit-ridge]
 
 `blobenc synth` (8 subjects, `--vertices full --image-size 64`) writes the dataset once per
-size; then, each as its own process with the kernel's accounting of it (wall, user, sys, peak RSS,
-page faults, context switches; what `/usr/bin/time -v` reports), with `--profile` so every run folder also holds its profile.json:
+size; then, each as its own process with the kernel's accounting of it (wall, user, sys, peak
+RSS, page faults, context switches; what `/usr/bin/time -v` reports), with `--profile` so every
+run folder also holds its profile.json:
   * extract: vit_tiny_patch16_224, random init, layers blocks.[0369] and blocks.11;
   * fit-head with defaults; fit-ridge with defaults;
   * predict from the fit-head run (test split, scored).

@@ -86,7 +86,7 @@ class FeatureSource:
             if in_cache.any():
                 at = np.flatnonzero(in_cache)
                 result = []
-                for name in self.layers:  # whole chunks, each read once (FeatureCache.read_rows)
+                for name in self.layers:  # each chunk touched, read once
                     out = None
                     for positions, block in self.cache.read_rows(name, rows[at], view=0):
                         if out is None:
@@ -176,8 +176,7 @@ def predict(
     verify_images([p for k, p in wanted.items() if finetuned or source.cache is None or k not in source.cache.row_of])
 
     # Features depend on the image alone, so they are read (or computed) once for every subject's
-    # images together: subjects share test images, and a cache chunk holding rows of several
-    # subjects is read once instead of once per subject (8x the bytes on 8 subjects sharing a test set).
+    # images together: subjects share test images (8 subjects sharing a test set read it 8x before).
     if images is not None:
         shared = inputs(image_keys, image_paths)
     elif not finetuned:

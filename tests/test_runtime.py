@@ -87,7 +87,12 @@ def test_extract_workers_default_to_the_cores(cores, monkeypatch, tmp_path):
     images = tmp_path / "img"
     images.mkdir()
     with pytest.raises(RuntimeError, match="stop"):
-        extract(["a"], [images / "a.png"], tmp_path / "c", ExtractConfig(TrunkSpec("test_vit", False), ("blocks.1",), device="cpu"))
+        extract(
+            ["a"],
+            [images / "a.png"],
+            tmp_path / "c",
+            ExtractConfig(TrunkSpec("test_vit", False), ("blocks.1",), device="cpu"),
+        )
     assert seen["workers"] == 0
 
 
