@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
-from sklearn.decomposition import PCA
 
 from blobenc.data.base import HEMIS, GroupSpace
 from blobenc.errors import ConfigError, DataError
@@ -248,6 +247,8 @@ class GroupPCA:
 
     def _fit_complete(self, Y: np.ndarray, k: int, route: str) -> None:
         if route == "sklearn":
+            from sklearn.decomposition import PCA  # only this backend: 1.2 s of import predict does not need
+
             pca = PCA(n_components=k, svd_solver="randomized" if k < min(Y.shape) else "full", random_state=self.seed)
             pca.fit(Y)
             self.mean_ = pca.mean_.astype(np.float32)

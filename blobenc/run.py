@@ -10,7 +10,6 @@ import torch
 from blobenc.data.base import GroupSpace
 from blobenc.heads import HeadEnsemble, create_head
 from blobenc.train.checkpoint import load_state, load_weights, pca_path, read_json, resolve_run
-from blobenc.train.finetune import build_encoder
 from blobenc.train.ridge import RidgeModel
 
 
@@ -25,6 +24,8 @@ def load_model(run: Path | str, which: str = "best") -> tuple[torch.nn.Module, d
     if spec.get("kind") == "ridge":  # per-subject fits in weights/, loaded as predict asks for them
         return RidgeModel(tdir, spec), spec
     if spec.get("finetuned"):  # trunk + head in one state dict
+        from blobenc.train.finetune import build_encoder  # the trunk's timm: only for these runs
+
         model = build_encoder(spec)
     else:
         model = create_head(spec["head"], **spec["kwargs"])

@@ -870,3 +870,20 @@ def test_config_file_device_stands_unless_the_flag_is_given(tmp_path):
     assert load_config(path, runtime_overrides("auto", "auto")).device == "cpu"  # defaults do not override
     c = load_config(path, runtime_overrides("cuda:1", "bf16"))
     assert (c.device, c.precision) == ("cuda:1", "bf16")
+
+
+def test_predict_from_the_cache_imports_no_training_libraries(small_cache, train_data, tmp_path):
+    """A cached-feature predict needs neither timm (the trunk, the scheduler) nor scikit-learn:
+    importing them is 3 s of a 7 s predict. The import happens in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    fit_head(small_cache, train_data, tmp_path / "run", [cfg(epochs=1)], progress=False)
+    code = (
+        "import sys; from blobenc.predict import predict; "
+        f"predict({str(tmp_path / 'run')!r}, {str(train_data)!r}, {str(tmp_path / 'pred')!r}, progress=False); "
+        "print(sorted(m for m in ('timm', 'torchvision', 'sklearn') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
+    assert (tmp_path / "pred" / "subj01" / "lh_pred_test.npy").is_file()

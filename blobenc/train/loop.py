@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from blobenc.heads import by_subject
@@ -16,6 +16,9 @@ from blobenc.profile import phase, timed
 from blobenc.runtime import autocast
 from blobenc.scoring import pearson_r, r2_score
 from blobenc.train.config import HeadConfig
+
+if TYPE_CHECKING:
+    from timm.scheduler import CosineLRScheduler
 
 
 @dataclass
@@ -67,6 +70,8 @@ def configure_optimizer(model: nn.Module, config: HeadConfig) -> torch.optim.Ada
 
 def configure_scheduler(optimizer, config: HeadConfig, total_steps: int) -> CosineLRScheduler:
     """Linear warm-up over warmup_fraction of the steps, then cosine decay to min_lr_fraction x lr."""
+    from timm.scheduler import CosineLRScheduler  # imports timm and torchvision (~2 s): not at predict time
+
     warmup = round(config.warmup_fraction * total_steps)
     return CosineLRScheduler(
         optimizer,

@@ -19,7 +19,6 @@ import torch
 from blobenc.data.base import open_dataset
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
-from blobenc.features.trunk import match_modules
 from blobenc.profile import timed
 from blobenc.progress import track
 from blobenc.ridge import (
@@ -354,6 +353,8 @@ def fit_ridge(
 def _select_layers(cache: FeatureCache, patterns: tuple[str, ...] | None) -> list[str]:
     if not patterns:
         return cache.layers
+    from blobenc.features.trunk import match_modules  # trunk.py imports timm: not at predict time
+
     chosen: set[str] = set()
     for p in patterns:
         hit = match_modules(cache.layers, p)
