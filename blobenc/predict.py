@@ -177,9 +177,9 @@ def predict(
 
     # Features depend on the image alone, so they are read (or computed) once for every subject's
     # images together: subjects share test images (8 subjects sharing a test set read it 8x before).
-    if images is not None:
-        shared = inputs(image_keys, image_paths)
-    elif not finetuned:
+    # A model of images decodes each subject's own (the union of decoded images is large).
+    per_subject = finetuned and images is None
+    if not per_subject:
         everyone = inputs(list(wanted), list(wanted.values()))
         position = {k: i for i, k in enumerate(wanted)}
     scores = {}
@@ -187,10 +187,10 @@ def predict(
     with staging:
         for name in track(names, "predicting", progress):
             subject = dataset.subjects[name]
-            if images is not None:
-                feats = shared
-            elif finetuned:  # images, decoded per subject: a model of images is not fed from the cache
+            if per_subject:
                 feats = inputs(list(subject.keys[split]), list(subject.images[split]))
+            elif images is not None:  # the same images for every subject
+                feats = everyone
             else:
                 at = torch.as_tensor([position[k] for k in subject.keys[split]])
                 feats = [f[at] for f in everyone]

@@ -138,13 +138,9 @@ class Trial:
         self.optimizer = configure_optimizer(self.model, self.config)
         self.scheduler = configure_scheduler(self.optimizer, self.config, total_steps)
         self.scheduler.step_update(0)
-        self.rng_state = dropout_rng_state(head_seed(self.config) + seed_offset, device)
-
-
-def dropout_rng_state(seed: int, device: torch.device) -> torch.Tensor:
-    """A fresh state of the generator dropout draws from on `device`: CUDA kernels draw from the
-    device's own generator, whose state has another format than the CPU's."""
-    return torch.Generator(device).manual_seed(seed).get_state()
+        # the state of the generator dropout draws from on `device`: on CUDA the device's own,
+        # whose state has another format than the CPU's
+        self.rng_state = torch.Generator(device).manual_seed(head_seed(self.config) + seed_offset).get_state()
 
 
 def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
