@@ -1,11 +1,14 @@
 """fit-ridge: the solvers against scikit-learn, the feature reductions, the run folder through predict."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from sklearn.linear_model import RidgeCV
 from typer.testing import CliRunner
 
@@ -18,32 +21,69 @@ runner = CliRunner()
 ALPHAS = np.logspace(-2, 4, 13)
 
 
-def _problem(n=60, d=20, v=7, seed=0):
+def _problem(n=60, d=20, v=7, seed=0, kind="gaussian"):
+    """Uncentred features and targets: well conditioned (gaussian), or as real trunks give them
+    (low rank plus small noise, strongly correlated columns, a constant column, large offsets)."""
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d))
-    Y = X @ rng.standard_normal((d, v)) * rng.uniform(0.05, 1, v) + rng.standard_normal((n, v))
-    return X - X.mean(0), Y - Y.mean(0)
+    if kind == "gaussian":
+        X = rng.standard_normal((n, d))
+    else:
+        rank = max(2, min(n, d) // 6)
+        X = rng.standard_normal((n, rank)) @ rng.standard_normal((rank, d)) + 1e-3 * rng.standard_normal((n, d))
+        X[:, 1] = X[:, 0] + 1e-4 * rng.standard_normal(n)  # two nearly identical columns
+        X[:, 2] = 3.0  # a constant (dead) channel
+        X += 5.0  # activations far from zero mean (after a ReLU / GELU)
+    Y = X @ rng.standard_normal((d, v)) * rng.uniform(0.05, 1, v) + 2 * rng.standard_normal((n, v)) + 10
+    return X, Y
 
 
-@pytest.mark.parametrize("shape", [(60, 20), (30, 50)])  # primal (d < n) and the shape kernels are for
-def test_loo_ridge_equals_sklearn_ridgecv_alpha_per_target(shape):
-    X, Y = _problem(*shape)
+def _sklearn_loo(X, Y, alphas):
+    ref = RidgeCV(alphas=alphas, alpha_per_target=True, fit_intercept=True, store_cv_results=True).fit(X, Y)
+    return ref, ref.cv_results_.mean(0).T  # (alphas, targets) leave-one-out mse
+
+
+def _centred(X, Y):
+    return (torch.tensor(X - X.mean(0)), torch.tensor(Y - Y.mean(0), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "ill-conditioned"])
+@pytest.mark.parametrize("shape", [(60, 20), (30, 50), (40, 400)])  # primal (d < n), and the kernel path's shapes
+def test_loo_ridge_equals_sklearn_ridgecv_with_intercept_at_every_alpha(shape, kind):
+    """Centred data with the mean re-estimated in each left-out fit is RidgeCV(fit_intercept=True)
+    on the raw data: the same leave-one-out error at every alpha, both paths, hence the same alphas."""
+    X, Y = _problem(*shape, kind=kind)
+    alphas = float((X - X.mean(0)).var(0).sum() * len(X)) * np.logspace(-6, 1, 15)  # blobenc's grid
+    ref, ref_curve = _sklearn_loo(X, Y, alphas)
+    x, y = _centred(X, Y)
+    primal, dual = (x.float(), None), (None, (x @ x.T).float())
+    for res in (loo_ridge(*inputs, y, alphas, curve=True) for inputs in (primal, dual)):
+        np.testing.assert_allclose(res.curve.numpy(), ref_curve, rtol=2e-3)
+        # the chosen alphas agree, up to ties within float32 noise where the curve is flat
+        chosen = np.searchsorted(alphas, res.best_alpha.numpy() * (1 - 1e-6))
+        at_chosen = ref_curve[chosen, np.arange(Y.shape[1])]
+        np.testing.assert_array_less(at_chosen, ref_curve.min(0) * (1 + 2e-3))
+        assert (np.isclose(res.best_alpha.numpy(), ref.alpha_, rtol=1e-5)).mean() >= 0.7
+    if kind == "gaussian":  # predictions too
+        new = np.random.default_rng(1).standard_normal((5, shape[1]))
+        xn = torch.tensor(new - X.mean(0), dtype=torch.float32)
+        primal = loo_ridge(x.float(), None, y, alphas)
+        dual = loo_ridge(None, (x @ x.T).float(), y, alphas)
+        want = ref.predict(new) - Y.mean(0)
+        np.testing.assert_allclose((xn @ primal.coef).numpy(), want, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose((xn @ x.float().T @ dual.coef).numpy(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_loo_ridge_without_intercept_equals_sklearn_without():
+    X, Y = _problem(30, 50)
     ref = RidgeCV(alphas=ALPHAS, alpha_per_target=True, fit_intercept=False).fit(X, Y)
     x, y = torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)
-    primal = loo_ridge(x, None, y, ALPHAS)
-    dual = loo_ridge(None, x @ x.T, y, ALPHAS)
-    np.testing.assert_allclose(primal.best_alpha.numpy(), ref.alpha_, rtol=1e-5)
-    np.testing.assert_allclose(dual.best_alpha.numpy(), ref.alpha_, rtol=1e-5)
-    new = np.random.default_rng(1).standard_normal((5, shape[1]))
-    want = ref.predict(new)
-    xn = torch.tensor(new, dtype=torch.float32)
-    np.testing.assert_allclose((xn @ primal.coef).numpy(), want, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose((xn @ x.T @ dual.coef).numpy(), want, rtol=1e-3, atol=1e-4)
+    for res in (loo_ridge(x, None, y, ALPHAS, intercept=False), loo_ridge(None, x @ x.T, y, ALPHAS, intercept=False)):
+        np.testing.assert_allclose(res.best_alpha.numpy(), ref.alpha_, rtol=1e-5)
 
 
 def test_loo_ridge_target_blocks_do_not_change_the_result():
-    X, Y = _problem(40, 10, 9)
-    x, y = torch.tensor(X, dtype=torch.float32), torch.tensor(Y, dtype=torch.float32)
+    x, y = _centred(*_problem(40, 10, 9))
+    x = x.float()
     whole, blocked = loo_ridge(x, None, y, ALPHAS), loo_ridge(x, None, y, ALPHAS, target_block=2)
     torch.testing.assert_close(whole.coef, blocked.coef)
 
@@ -65,14 +105,14 @@ def test_reductions_vit_and_cnn():
 
 
 def test_layer_scaling_changes_nothing():
-    X, Y = _problem(50, 12, 4)
-    x = torch.tensor(X, dtype=torch.float32)
+    x, y = _centred(*_problem(50, 12, 4))
+    x = x.float()
     a, b = x[:, :6], x[:, 6:]
 
     def fit(a, b):
         z = [LayerScaler.fit(t)(t) for t in (a, b)]
         k = sum(t @ t.T / t.shape[1] for t in z)
-        return loo_ridge(None, k, torch.tensor(Y, dtype=torch.float32), ALPHAS).coef
+        return loo_ridge(None, k, y, ALPHAS).coef
 
     torch.testing.assert_close(fit(a, b), fit(a * 1000, b), rtol=1e-3, atol=1e-4)
 
@@ -228,11 +268,75 @@ def test_select_per_vertex_takes_the_better_run(small_cache, train_data, tmp_pat
         np.testing.assert_allclose(ds.read_predictions(sel, name), np.where(rb > ra, pb, pa), rtol=1e-6)
         sel_r = np.where(rb > ra, rb, ra).mean()
         summary = json.loads((sel / "selection.json").read_text())["subjects"][name]
-        assert summary["val_mean_r"] == pytest.approx(sel_r, rel=1e-5)
-        assert summary["val_mean_r"] >= max(ra.mean(), rb.mean())
-    blend = selection_weights(np.array([[0.5, -0.1, 0.0], [0.5, 0.2, 0.0]]), "blend")
-    np.testing.assert_allclose(blend, [[0.5, 0, 0.5], [0.5, 1, 0.5]])
+        assert summary["val"]["selected"] == pytest.approx(sel_r, rel=1e-5)
+        assert summary["val"]["selected"] >= max(ra.mean(), rb.mean())
     assert (selection_weights(np.array([[0.1, 0.9], [0.3, 0.3]]), "subject") == [[1, 1], [0, 0]]).all()
+
+
+def test_stack_weights_never_lose_to_a_member():
+    """A good member, pure noise, and the good one scaled x10: the noise gets ~0 weight, the scaled
+    member is worth only its scale, and the cross-fitted combination scores at least the best member."""
+    from scipy.optimize import nnls
+
+    from blobenc.select import stack_folds, stack_weights
+
+    rng = np.random.default_rng(0)
+    n, v = 60, 300
+    signal = rng.standard_normal((n, v))
+    target = signal + rng.standard_normal((n, v))
+    good = signal + 0.8 * rng.standard_normal((n, v))
+    other = signal + 0.8 * rng.standard_normal((n, v))  # a second good run, errors independent
+    noise = rng.standard_normal((n, v))
+    folds = stack_folds(np.array([f"img{i}" for i in range(n)]))
+    w, info = stack_weights([good, noise, 10 * other], target, folds, block=128)  # blocks smaller than V
+    assert info["val_r2"] >= max(info["val_r2_runs"])
+    assert w[1].mean() < 0.05  # noise
+    assert 0.02 < w[2].mean() < 0.08  # x10: about a twentieth, next to ~0.4 for the good run
+    assert info["val_r2"] > info["val_r2_runs"][0] + 0.02  # two runs with independent errors beat one
+    w_alone, alone = stack_weights([good, noise], target, folds)
+    assert alone["val_r2"] >= alone["val_r2_runs"][0] and w_alone[1].mean() < 0.05
+    # one subset solve for every vertex: an exact non-negative least squares
+    P = np.stack([good[:, 0], noise[:, 0], 10 * other[:, 0]], 1)
+    w_one, _ = stack_weights([P[:, [j]] for j in range(3)], target[:, :1], np.zeros(n, int) + np.arange(n) % 2)
+    if not np.isclose(w_one[:, 0], [1, 0, 0]).all() and not np.isclose(w_one[:, 0], [0, 0, 1]).all():
+        np.testing.assert_allclose(w_one[:, 0], nnls(P, target[:, 0])[0], rtol=1e-3, atol=1e-6)
+
+
+def _altered_run(run: Path, out: Path, change) -> Path:
+    """A copy of a fit-ridge run whose coefficients, mean and validation predictions go through
+    `change` (the features' z-scoring stays)."""
+    shutil.copytree(run, out)
+    for f in [*(out / "weights").glob("*.safetensors"), out / "val_pred.safetensors"]:
+        with safe_open(str(f), framework="pt") as h:
+            meta, t = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+        altered = [k for k in t if k.endswith(".coef") or k == "y_mean" or k.startswith("subj")]
+        save_file(t | {k: change(t[k].float()).to(t[k].dtype) for k in altered}, str(f), meta)
+    return out
+
+
+def test_predict_stack_with_a_scaled_and_a_noise_run(small_cache, train_data, tmp_path):
+    """The default combination through the CLI on real run folders: a ridge run, the same run with
+    every weight x10, and one whose weights are noise. The combination's cross-fitted validation
+    score is at least the best run's, and the noise run gets ~0 weight."""
+    good = tmp_path / "good"
+    assert _fit(small_cache, train_data, good).exit_code == 0
+    torch.manual_seed(0)
+    x10 = _altered_run(good, tmp_path / "x10", lambda t: 10 * t)
+    noise = _altered_run(good, tmp_path / "noise", lambda t: torch.randn_like(t) * t.std())
+    sel, alone = tmp_path / "sel", tmp_path / "alone"
+    args = ["--data", str(train_data), "-q", "--json"]
+    res = runner.invoke(
+        app, ["predict", str(x10), str(noise), str(good), *args, str(sel / "s.json"), "--out", str(sel)]
+    )
+    assert res.exit_code == 0, res.output
+    selection = json.loads((sel / "selection.json").read_text())
+    assert selection["select"] == "stack"
+    for s in selection["subjects"].values():
+        assert s["val"]["selected"] >= max(s["val"]["runs"])
+        assert s["share"][1] < 0.05
+    assert runner.invoke(app, ["predict", str(good), *args, str(alone / "a.json"), "--out", str(alone)]).exit_code == 0
+    combined, single = (json.loads(f.read_text())["score"] for f in (sel / "s.json", alone / "a.json"))
+    assert combined >= single - 1.0  # test score: the good run's, not dragged down by the others
 
 
 def test_select_refuses_runs_on_other_splits(small_cache, train_data, tmp_path):

@@ -189,8 +189,9 @@ def predict_command(
     select: Annotated[
         str | None,
         typer.Option(
-            help="With several runs: a 'blend' weighted by validation r² per vertex (default), per 'vertex' "
-            "the run with the best validation r, or per 'subject'."
+            help="With several runs: 'stack' (default) weights them per vertex by non-negative least squares "
+            "on the validation responses, cross-fitted; 'vertex' takes per vertex the run with the best "
+            "validation r, 'subject' per subject."
         ),
     ] = None,
     json_out: JsonOpt = None,
@@ -211,7 +212,7 @@ def predict_command(
                         "--select predicts the test split from each run's own cache (no --split/--images/--cache)"
                     )
                 selected = predict_selected(
-                    runs, data, out, select or "blend", subject, progress=not quiet,
+                    runs, data, out, select or "stack", subject, progress=not quiet,
                     batch_size=batch_size, device=device, precision=precision,
                 )  # fmt: skip
                 scores = selected["scores"]
@@ -234,15 +235,16 @@ def predict_command(
 
 
 def selection_table(selection: dict) -> Table:
-    """Per subject: each run's share of the vertices and mean validation r, and the selection's."""
-    table = Table(title=f"--select {selection['select']}: share of vertices (validation mean r)")
+    """Per subject: each run's mean weight and validation score, and the combination's."""
+    metric = next(iter(selection["subjects"].values()))["val"]["metric"]
+    table = Table(title=f"--select {selection['select']}: mean weight of each run (validation {metric})")
     table.add_column("subject")
     for k, run in enumerate(selection["runs"]):
         table.add_column(f"run {k + 1}: {Path(run).name}", justify="right")
-    table.add_column("selected", justify="right")
+    table.add_column("combined", justify="right")
     for name, s in selection["subjects"].items():
-        cells = [f"{share:.0%} ({r:.4f})" for share, r in zip(s["share"], s["val_mean_r_runs"], strict=True)]
-        table.add_row(name, *cells, f"{s['val_mean_r']:.4f}")
+        cells = [f"{share:.2f} ({v:.4f})" for share, v in zip(s["share"], s["val"]["runs"], strict=True)]
+        table.add_row(name, *cells, f"{s['val']['selected']:.4f}")
     return table
 
 

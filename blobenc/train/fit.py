@@ -133,6 +133,24 @@ def val_tables(pred: np.ndarray, data) -> tuple[dict, dict[str, torch.Tensor]]:
     return mean_rois(tables), vertex
 
 
+VAL_PRED_FILE = "val_pred.safetensors"
+
+
+def save_validation(out: Path, pred: np.ndarray, data, trial: str) -> dict:
+    """Write what a run's validation leaves for maps and for combining runs: per-vertex r and R²
+    (`val_vertex.safetensors`) and each subject's validation predictions in its native vertices,
+    rows in the split's order (`val_pred.safetensors`, float16). Returns the ROI table."""
+    rois, vertex = val_tables(pred, data)
+    save_weights(out / "val_vertex.safetensors", vertex, {"trial": trial})
+    subject_of = data.sets["val"].subject
+    native = {
+        name: torch.from_numpy(pred[subject_of == i][:, data.group_index[name]].astype(np.float16))
+        for i, name in enumerate(data.subjects)
+    }
+    save_weights(out / VAL_PRED_FILE, native, {"trial": trial})
+    return rois
+
+
 def _evaluate(trials: list[Trial], data, batch_size: int, device, amp) -> list[dict]:
     """Validation scores of every trial, from one pass over the validation data."""
     s = data.sets["val"]
@@ -306,12 +324,11 @@ def _ensemble(out: Path, trials: list, data, base, device, amp, k: int) -> dict:
     ranked = sorted((t for t in trials if t[0].best_state is not None), key=lambda t: -t[0].best_score)[:k]
     for trial, _ in ranked:
         load_state(trial.model, trial.best_state)
-    preds = _val_predictions([t for t, _ in ranked], data, base.batch_size, device, amp)
+    pred = np.mean(_val_predictions([t for t, _ in ranked], data, base.batch_size, device, amp), axis=0)
     s = data.sets["val"]
-    val = validation_scores(
-        np.mean(preds, axis=0), data.val_target, s.subject, data.subjects, data.group_index, data.group.n_vertices
-    )
+    val = validation_scores(pred, data.val_target, s.subject, data.subjects, data.group_index, data.group.n_vertices)
     result = {"members": [str(d.relative_to(out)) for _, d in ranked], "val": val}
+    result["val_rois"] = save_validation(out, pred, data, "ensemble")  # what predict uses: the average
     write_json(out / "ensemble.json", result)
     logger.info(
         "ensemble of %d: validation median R² %.4f (best member %.4f)",
@@ -456,8 +473,7 @@ def train_trials(
     summary, best_trial, _ = _summarize(out, trials, seconds, samples)
     load_state(best_trial.model, best_trial.best_state)
     [pred] = _val_predictions([best_trial], data, base.batch_size, device, amp)
-    summary["val_rois"], vertex = val_tables(pred, data)
-    save_weights(out / "val_vertex.safetensors", vertex, {"trial": summary["trial"]})
+    summary["val_rois"] = save_validation(out, pred, data, summary["trial"])
     write_json(out / "summary.json", summary)
     return summary
 

@@ -35,7 +35,7 @@ from blobenc.ridge import (
 from blobenc.runtime import resolve_device
 from blobenc.train.checkpoint import RUN_FORMAT, save_weights, write_json
 from blobenc.train.data import SplitTargets
-from blobenc.train.fit import val_tables
+from blobenc.train.fit import save_validation
 from blobenc.train.loop import validation_scores
 
 logger = logging.getLogger(__name__)
@@ -301,11 +301,10 @@ def fit_ridge(
     )
     for r in records:
         r["val"] = val["subjects"].get(r["subject"])
-    val_rois, vertex = val_tables(val_pred, data)
+    val_rois = save_validation(tmp, val_pred, data, ".")
     seconds = time.perf_counter() - t0
 
     split.save(tmp / "split.json")
-    save_weights(tmp / "val_vertex.safetensors", vertex, {"trial": "."})
     with (tmp / "metrics.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     write_json(
