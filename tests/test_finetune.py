@@ -148,3 +148,25 @@ def test_grad_checkpointing_trains_the_same(head_run, tmp_path):
     a, b = load_file(tmp_path / "plain/last.safetensors"), load_file(tmp_path / "ckpt/last.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cnn_default_trains_its_deepest_cached_stage_and_never_loses_to_phase_1(small_data, tmp_path):
+    """A convolutional trunk has no attention blocks: the default unfreezes the deepest cached layer's
+    module, its batch norms keep their parameters and running statistics, and phase 2 keeps phase 1's
+    weights unless an epoch validates better."""
+    index = AlgonautsDataset(small_data).unique_images()
+    cfg = ExtractConfig(trunk=TrunkSpec("test_efficientnet", False, seed=1), layers=("blocks.[24]",), num_workers=0)
+    extract(index.keys, list(index.paths), tmp_path / "cache", cfg, progress=False)
+    head = HeadConfig(epochs=2, batch_size=32, hidden_dim=16, proj_dim=16, lr=3e-3)
+    fit_head(tmp_path / "cache", small_data, tmp_path / "run", [head], progress=False)
+    spec = json.loads((tmp_path / "run" / "model.json").read_text())
+    before = build_encoder(spec).trunk.state_dict()
+    summary = finetune(tmp_path / "run", small_data, tmp_path / "ft", tiny(lr=1e-2), progress=False)
+    ft_spec = json.loads((tmp_path / "ft" / "model.json").read_text())
+    assert ft_spec["finetune"]["unfreeze"] == ["blocks.4.**"]
+    after = load_file(tmp_path / "ft" / "last.safetensors")
+    changed = {k for k, v in before.items() if not torch.equal(v, after[f"trunk.{k}"])}
+    assert changed and all(k.startswith("blocks.4.") and ".bn" not in k for k in changed)
+    start = json.loads((tmp_path / "run" / "summary.json").read_text())["val"]["median_r2"]
+    # validated again on the same images (from the trunk in float32, not the float16 cache: ~1e-5 apart)
+    assert summary["val"]["median_r2"] >= start - 1e-4

@@ -271,10 +271,15 @@ def finetune_command(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     unfreeze: Annotated[
-        list[str] | None, typer.Option("--unfreeze", help="Trunk parameter glob to train (default blocks.*.attn.**).")
+        list[str] | None,
+        typer.Option(
+            "--unfreeze",
+            help="Trunk parameter glob to train (default auto: blocks.*.attn.** where the trunk has attention blocks, "
+            "else the deepest cached layer's module).",
+        ),
     ] = None,
     freeze: Annotated[
-        list[str] | None, typer.Option("--freeze", help="Trunk parameter glob kept frozen (default **norm**).")
+        list[str] | None, typer.Option("--freeze", help="Trunk parameter glob kept frozen (norm layers always are).")
     ] = None,
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute trunk activations in backward.")] = False,
     resume: ResumeOpt = False,

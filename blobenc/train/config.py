@@ -73,14 +73,15 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig(HeadConfig):
-    """Phase-2 defaults (SPEC): lr 1e-5, 6 epochs, batch 192, min lr 0, attention blocks unfrozen."""
+    """Phase-2 defaults (SPEC): lr 1e-5, 6 epochs, batch 192, min lr 0, attention blocks unfrozen
+    (`auto`: a trunk without them, a CNN, trains its deepest cached stage)."""
 
     epochs: int = 6
     batch_size: int = 192
     lr: float = 1e-5
     min_lr_fraction: float = 0.0
-    unfreeze: tuple[str, ...] = ("blocks.*.attn.**",)  # trunk parameter globs made trainable...
-    freeze: tuple[str, ...] = ("**norm**",)  # ...then these frozen again (SPEC: every norm stays frozen)
+    unfreeze: tuple[str, ...] = ("auto",)  # trunk parameter globs made trainable...
+    freeze: tuple[str, ...] = ()  # ...then these frozen again (every norm layer stays frozen regardless: SPEC)
     crop_scale: float = 0.8
     grad_checkpointing: bool = False
     num_workers: int | None = None

@@ -56,6 +56,15 @@ class ImageEncoder(nn.Module):
         self.layers, self.pool, self.prefix = list(layers), pool, prefix
         self.capture = LayerCapture(trunk, self.layers)
 
+    def train(self, mode: bool = True) -> ImageEncoder:
+        """The trunk's batch norms keep their running statistics (eval mode): fine-tuning batches
+        are small, and the pretrained statistics are what the head was fitted on."""
+        super().train(mode)
+        for module in self.trunk.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     def forward(self, inputs: list[torch.Tensor], subject: torch.Tensor, latent: bool = False) -> torch.Tensor:
         feats = self.capture(inputs[0])
         out = [pool_features(feats[n], self.pool, self.prefix) if self.pool else feats[n] for n in self.layers]
@@ -78,9 +87,31 @@ def build_encoder(spec: dict) -> ImageEncoder:
     return ImageEncoder(trunk, head, spec["layers"], feats["pool"], feats["num_prefix_tokens"])
 
 
+ATTENTION = "blocks.*.attn.**"
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Normalization layers of any kind (torch's, timm's BatchNormAct2d, RmsNorm, LayerNorm2d...)."""
+    return (
+        isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+        or "Norm" in type(module).__name__
+    )
+
+
+def resolve_unfreeze(trunk: nn.Module, layers: list[str], unfreeze: tuple[str, ...]) -> tuple[str, ...]:
+    """`auto`: the attention blocks where the trunk has them (a ViT, as the reference's phase 2),
+    else the parameters of the deepest cached layer's module (a CNN's last cached stage)."""
+    if tuple(unfreeze) != ("auto",):
+        return tuple(unfreeze)
+    if match_modules([n for n, _ in trunk.named_parameters()], ATTENTION):
+        return (ATTENTION,)
+    return (f"{layers[-1]}.**",)  # layers come in model order
+
+
 def set_trainable(encoder: ImageEncoder, unfreeze: tuple[str, ...], freeze: tuple[str, ...]) -> int:
-    """Trunk parameters: all frozen, then `unfreeze` globs trainable, then `freeze` globs frozen again.
-    The head trains except its frozen PCA embedding. Returns the trainable parameter count."""
+    """Trunk parameters: all frozen, then `unfreeze` globs trainable, then `freeze` globs frozen again;
+    normalization layers' parameters always stay frozen, whatever their names (a CNN's `bn1`). The head
+    trains except its frozen PCA embedding. Returns the trainable parameter count."""
     names = [n for n, _ in encoder.trunk.named_parameters()]
     for pattern in unfreeze + freeze:
         if not match_modules(names, pattern):
@@ -90,6 +121,9 @@ def set_trainable(encoder: ImageEncoder, unfreeze: tuple[str, ...], freeze: tupl
         trainable |= set(match_modules(names, pattern))
     for pattern in freeze:
         trainable -= set(match_modules(names, pattern))
+    for module_name, module in encoder.trunk.named_modules():
+        if _is_norm(module):
+            trainable -= {f"{module_name}.{n}".lstrip(".") for n, _ in module.named_parameters(recurse=False)}
     for name, p in encoder.trunk.named_parameters():
         p.requires_grad_(name in trainable)
     for name, p in encoder.head.named_parameters():
@@ -183,7 +217,8 @@ def finetune(
     device, amp, distributed, main = start_run(out, [config], resume, config)
     encoder = build_encoder(spec)
     load_state(encoder.head, load_weights(source / "best.safetensors"), pca_path(source, spec))
-    n_trainable = set_trainable(encoder, config.unfreeze, config.freeze)
+    unfreeze = resolve_unfreeze(encoder.trunk, spec["layers"], config.unfreeze)
+    n_trainable = set_trainable(encoder, unfreeze, config.freeze)
     logger.info("trainable parameters: %d of %d", n_trainable, sum(p.numel() for p in encoder.parameters()))
     if config.grad_checkpointing:
         encoder.trunk.set_grad_checkpointing(True)
@@ -195,7 +230,10 @@ def finetune(
         split.save(split_file)
     data = ImageData(dataset, split, spec["features"]["preprocessing"], config, device)
     data.embed(*encoder.head.embedding())
-    new_spec = spec | {"finetuned": True, "finetune": {"from": str(source), "trainable_parameters": n_trainable}}
+    new_spec = spec | {
+        "finetuned": True,
+        "finetune": {"from": str(source), "unfreeze": list(unfreeze), "trainable_parameters": n_trainable},
+    }
     if spec.get("pca"):  # the embedding lives in the PCA file: the new run gets its own copy, once
         new_spec["pca"] = PCA_FILE
         if main and not (resume and (out / PCA_FILE).is_file()):
@@ -225,6 +263,7 @@ def finetune(
         distributed,
         main,
     )
+    trials[0][0].validate_start = True  # phase 1's weights: the best until an epoch beats them
     summary = train_trials(out, trials, data, config, device, amp, resume, progress, "finetune", checkpoint_minutes)
     if summary is not None:
         summary["trainable_parameters"] = n_trainable
