@@ -2,6 +2,7 @@ import json
 import pickle
 
 import numpy as np
+import torch
 import pytest
 
 from blobenc import AlgonautsDataset, DataError, ValidationSplit, open_dataset
@@ -205,3 +206,18 @@ def test_nan_in_fmri(data_copy):
     ds = AlgonautsDataset(data_copy)
     with pytest.raises(DataError, match=r"rh_test_fmri.npy: non-finite values \(first at index \(2, 5\)\)"):
         ds.subjects["subj04"].fmri("test", "rh")
+
+
+def test_group_targets_of_a_sample_subset_equal_the_full_rows(train_data):
+    """The group PCA's subsample reads only its rows: the same values as the full matrix's rows."""
+    from blobenc.train.data import SplitTargets
+    from blobenc.train.fit import pca_samples
+
+    ds = open_dataset(train_data)
+    data = SplitTargets(ds, ds.validation_split(0.1, 0), torch.device("cpu"))
+    n = len(data.sets["train"])
+    assert pca_samples(n, n, 0) is None
+    samples = pca_samples(n, 50, 0)
+    assert len(samples) == 50 and (np.diff(samples) > 0).all()
+    np.testing.assert_array_equal(data.group_targets("train", samples), data.group_targets("train")[samples])
+    np.testing.assert_array_equal(data.observed("train", samples), data.observed("train")[samples])

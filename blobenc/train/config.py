@@ -34,6 +34,7 @@ class HeadConfig:
     dropout: float = 0.5  # reference: 0.9
     hidden_dim: int = 256  # reference: 1024
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
+    pca_samples: int = 16000  # the group PCA is fitted on at most this many training samples (seeded draw)
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.05
     grad_clip: float | None = None
@@ -47,7 +48,7 @@ class HeadConfig:
     precision: str = "auto"
 
     def check(self) -> None:
-        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience")
+        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -109,7 +110,17 @@ def _fields(cls) -> dict:
 
 FIELDS = _fields(HeadConfig)
 # Keys that set the shared data order; a one-pass sweep cannot vary them.
-NOT_SWEEPABLE = ("batch_size", "epochs", "seed", "val_fraction", "proj_dim", "device", "precision", "head")
+NOT_SWEEPABLE = (
+    "batch_size",
+    "epochs",
+    "seed",
+    "val_fraction",
+    "proj_dim",
+    "pca_samples",
+    "device",
+    "precision",
+    "head",
+)
 
 
 def _coerce(key: str, value, cls=HeadConfig):

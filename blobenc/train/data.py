@@ -82,16 +82,28 @@ class SplitTargets:
             offset += len(rows)
 
     @timed("targets")
-    def group_targets(self, part: str) -> np.ndarray:
-        """(N, V) float32 responses of `part` in group space, 0 where the sample's subject has no vertex."""
-        target = np.zeros((len(self.sets[part]), self.group.n_vertices), dtype=np.float32)
-        for i, offset, native in self._native_blocks(part):
-            target[offset : offset + len(native), self.group_index[self.subjects[i]]] = native
+    def group_targets(self, part: str, samples: np.ndarray | None = None) -> np.ndarray:
+        """(N, V) float32 responses of `part` in group space, 0 where the sample's subject has no vertex;
+        with `samples` (sorted indices into the part), of those samples only, read by rows."""
+        if samples is None:
+            target = np.zeros((len(self.sets[part]), self.group.n_vertices), dtype=np.float32)
+            for i, offset, native in self._native_blocks(part):
+                target[offset : offset + len(native), self.group_index[self.subjects[i]]] = native
+            return target
+        target = np.zeros((len(samples), self.group.n_vertices), dtype=np.float32)
+        offset = 0
+        for i, rows in self.sets[part].rows:
+            lo, hi = np.searchsorted(samples, [offset, offset + len(rows)])
+            if hi > lo:
+                native = self.dataset.subjects[self.subjects[i]].responses("train", rows[samples[lo:hi] - offset])
+                target[lo:hi, self.group_index[self.subjects[i]]] = native
+            offset += len(rows)
         return target
 
-    def observed(self, part: str) -> np.ndarray:
-        """(N, V) True where the sample's subject has the vertex."""
-        return observed_mask(self.sets[part].subject, self.subjects, self.group_index, self.group.n_vertices)
+    def observed(self, part: str, samples: np.ndarray | None = None) -> np.ndarray:
+        """(N, V) True where the sample's subject has the vertex (of `samples` only, when given)."""
+        subject = self.sets[part].subject if samples is None else self.sets[part].subject[samples]
+        return observed_mask(subject, self.subjects, self.group_index, self.group.n_vertices)
 
     @timed("embed targets")
     @torch.no_grad()

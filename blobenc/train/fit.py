@@ -617,6 +617,15 @@ def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
     return written + save_weights(tdir / "state.safetensors", tensors, meta)
 
 
+def pca_samples(n: int, cap: int, seed: int) -> np.ndarray | None:
+    """The training samples the group PCA is fitted on: all of them up to `cap`, else `cap` drawn
+    at random (seeded), sorted. The full NSD's ~75k x 39.5k float32 targets take 12 GB; 16k rows of
+    them, 2.5 GB and the exact Gram route (docs/benchmarks.md measures what the draw costs)."""
+    if n <= cap:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
+
 @timed("pca")
 def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: HeadData, main: bool) -> GroupPCA:
     if pca_path is not None or resume:
@@ -625,7 +634,9 @@ def _group_pca(target: Path, pca_path, resume: bool, base: HeadConfig, data: Hea
             raise ConfigError(f"{pca_path or target}: fitted in another vertex space than this dataset's group space")
     else:
         pca = GroupPCA(base.proj_dim, seed=base.seed, device=data.device)
-        pca.fit(data.group_targets("train"), data.observed("train"), copy=False)  # a temporary: fit in place
+        samples = pca_samples(len(data.sets["train"]), base.pca_samples, base.seed)
+        # a temporary: fit in place
+        pca.fit(data.group_targets("train", samples), data.observed("train", samples), copy=False)
         pca.group = data.group
         logger.info(
             "group PCA: %d components explain %.1f%% of the variance",
