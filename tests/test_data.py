@@ -2,8 +2,8 @@ import json
 import pickle
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from blobenc import AlgonautsDataset, DataError, ValidationSplit, open_dataset
 from blobenc.data._io import load_label_mapping
