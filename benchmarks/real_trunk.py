@@ -13,7 +13,10 @@ cache of five stages; then, each as its own process, with validation and devkit 
     (mean-pooled, z-scored, each layer weighted 1/d), per subject, fitted on every training image;
   * fit-head with defaults;
   * predict RIDGE HEAD with --select stack (default), vertex and subject;
-  * finetune (--finetune; phase 2, one epoch) from the head.
+  * finetune (--finetune; phase 2, one epoch) from the head;
+  * --pca-subsample: what fitting the group PCA on a draw of the training samples costs, at the
+    full NSD's ratios (16000 of ~75k samples, 2048 components): fit-head with P = n/37.5 components
+    fitted on all n samples and on a 21% draw (P / draw = 2048 / 16000).
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[240, 1000])
     ap.add_argument("--trunks", nargs="+", default=["pretrained", "random"], choices=["pretrained", "random"])
     ap.add_argument("--finetune", action="store_true")
+    ap.add_argument("--pca-subsample", action="store_true")
     ap.add_argument("--before", type=Path, help="an older blobenc checkout: its fit-ridge, for before/after")
     ap.add_argument("--sklearn", nargs=3, metavar=("CACHE", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -196,6 +200,19 @@ def main() -> None:
                 results.append(
                     ("finetune (phase 2, 1 epoch, defaults)", val_of(ft), predicted([ft], data, d / "pred-phase2"), t)
                 )
+            if args.pca_subsample:
+                n_train = sum(r["n_train"] for r in json.loads((ridge / "summary.json").read_text())["subjects"])
+                p, draw = round(n_train * 2048 / 75000), round(n_train * 16000 / 75000)
+                for label, extra in (("all", []), (f"{draw} drawn", ["--set", f"pca_samples={draw}"])):
+                    out = d / f"head-pca-{label.split()[0]}"
+                    t = None
+                    if not out.exists():
+                        t = run(["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(out), "-q",
+                                 "--set", f"proj_dim={p}", *extra])  # fmt: skip
+                    ev = json.loads((out / "run.json").read_text())["pca_explained_variance"]
+                    results.append((f"fit-head, {p} PCA components fitted on {label} of {n_train} samples "
+                                    f"(explained variance {ev:.3f})", val_of(out),
+                                    predicted([out], data, d / f"pred-pca-{label.split()[0]}"), t))  # fmt: skip
             for label, val, test, wall in results:
                 table.append(
                     (

@@ -23,3 +23,7 @@ class ModelError(BlobencError):
 
 class ConfigError(BlobencError):
     """An option or config value is invalid."""
+
+
+class ResourceError(BlobencError):
+    """A command's plan needs more memory than it may use."""

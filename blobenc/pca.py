@@ -190,6 +190,22 @@ class GroupPCA:
         self.device = torch.device(device)
         self.group: GroupSpace | None = None
 
+    def fit_memory(self, n: int, v: int) -> int:
+        """Bytes a torch fit of (n, v) data holds besides Y and its mask, at its peak: the Gram
+        matrix (float64), its float32 copy, eigenvectors and LAPACK's workspace (~24 m² for the
+        m x m Gram), or the randomized finder's n x w and v x w blocks; the column blocks it reads;
+        then the components."""
+        k = min(self.n_components, n, v)
+        route = _route(n, v, k) if self.backend in ("auto", "torch") else self.backend
+        if route == "gram":
+            m = min(n, v)
+            work = 24 * m * m
+        else:
+            width = min(k + OVERSAMPLES, n, v)
+            work = 16 * (n + v) * width
+        # column blocks of ~256 MB are read, copied to float64 and centred: ~4 blocks at once
+        return work + 2 * 4 * k * v + 4 * min(256 << 20, 4 * n * v)
+
     def fit(self, Y: np.ndarray, mask: np.ndarray | None = None, *, copy: bool = True) -> GroupPCA:
         """Y: (n_samples, n_vertices); mask: same shape, True where observed (None: all observed).
 

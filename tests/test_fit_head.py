@@ -702,7 +702,7 @@ def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data
     for a, b in zip(feats, ref, strict=True):
         torch.testing.assert_close(a, b)
     config = [cfg(epochs=6, batch_size=16)]
-    streamed = fit_head(small_cache, train_data, tmp_path / "s", config, max_memory=1 << 20, progress=False)
+    streamed = fit_head(small_cache, train_data, tmp_path / "s", config, feature_memory=1 << 20, progress=False)
     in_memory = fit_head(small_cache, train_data, tmp_path / "m", config, progress=False)
     assert streamed["val"]["median_r2"] > 0 and in_memory["val"]["median_r2"] > 0
 
@@ -887,3 +887,19 @@ def test_predict_from_the_cache_imports_no_training_libraries(small_cache, train
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
     assert (tmp_path / "pred" / "subj01" / "lh_pred_test.npy").is_file()
+
+
+def test_fit_head_refuses_a_plan_beyond_max_memory_before_any_work(small_cache, train_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from blobenc.cli import app
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        app, ["fit-head", str(small_cache), "--data", str(train_data), "--out", str(out), "--max-memory", "200M"]
+    )
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "--max-memory 0.21 GB: fit-head needs ~" in res.output and "pca_samples" in res.output
+    assert [p.name for p in out.iterdir()] == ["log.txt"]  # nothing read or written: a rerun may use --out
+    res = CliRunner().invoke(app, ["fit-head", str(small_cache), "--data", str(train_data), "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output

@@ -182,7 +182,7 @@ def test_fit_ridge_primal_kernel_and_dual_storage_agree(small_cache, train_data,
 def test_fit_ridge_streamed_layers_equal_in_memory(small_cache, train_data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _fit(small_cache, train_data, a, "--no-refit").exit_code == 0
-    assert _fit(small_cache, train_data, b, "--no-refit", "--max-memory", "1K").exit_code == 0
+    assert _fit(small_cache, train_data, b, "--no-refit", "--feature-memory", "1K").exit_code == 0
     va, vb = (json.loads((r / "summary.json").read_text())["val"] for r in (a, b))
     assert va["median_r2"] == pytest.approx(vb["median_r2"], rel=1e-4)
 
@@ -223,6 +223,7 @@ def test_fit_ridge_banded_run_saves_layer_weights(small_cache, train_data, tmp_p
         (["--alphas", "1,-1"], "--alphas"),
         (["--alphas", "x"], "--alphas 'x'"),
         (["--features", "max"], "--features 'max'"),
+        (["--max-memory", "100M"], "--max-memory 0.10 GB: fit-ridge needs ~"),  # its plan, before any work
     ],
 )
 def test_fit_ridge_bad_inputs_write_nothing(small_cache, train_data, tmp_path, args, message):

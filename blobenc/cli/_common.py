@@ -47,6 +47,21 @@ RunOutOpt = Annotated[Path, typer.Option("--out", help="Run folder to write (mus
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of config keys (the reference's keys).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value config override, repeatable.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory the command may use, e.g. 16G (default: what is available); its plan is refused beyond it.",
+    ),
+]
+FeatureMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--feature-memory",
+        help="Memory for features, e.g. 8G; beyond it they are read from the cache as needed "
+        "(default: what the plan leaves).",
+    ),
+]
 ProfileOpt = Annotated[
     bool,
     typer.Option(

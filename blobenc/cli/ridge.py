@@ -11,6 +11,8 @@ from blobenc.cli._common import (
     CacheArg,
     DataOpt,
     DeviceOpt,
+    FeatureMemoryOpt,
+    MaxMemoryOpt,
     ProfileOpt,
     QuietOpt,
     ReportOpt,
@@ -44,9 +46,8 @@ def fit_ridge_command(
     val_fraction: Annotated[float, typer.Option(help="Validation images (same split as fit-head's).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split (and banded search) seed; fit-head's default is 0.")] = 0,
     refit: Annotated[bool, typer.Option(help="Refit on every training image for the predictions.")] = True,
-    max_memory: Annotated[
-        str | None, typer.Option(help="Memory for features, e.g. 8G; beyond it layers are read one at a time.")
-    ] = None,
+    max_memory: MaxMemoryOpt = None,
+    feature_memory: FeatureMemoryOpt = None,
     device: DeviceOpt = "auto",
     report: ReportOpt = False,
     profile: ProfileOpt = False,
@@ -75,7 +76,10 @@ def fit_ridge_command(
             device=device,
         )
         with computing(profile, lambda: out, quiet):
-            summary = fit_ridge(cache, data, out, config, max_memory=parse_bytes(max_memory), progress=not quiet)
+            summary = fit_ridge(
+                cache, data, out, config, max_memory=parse_bytes(max_memory),
+                feature_memory=parse_bytes(feature_memory, "--feature-memory"), progress=not quiet,
+            )  # fmt: skip
     if not quiet:
         print_summary(summary, out)
     if report:

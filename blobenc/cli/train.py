@@ -13,7 +13,9 @@ from blobenc.cli._common import (
     ConfigOpt,
     DataOpt,
     DeviceOpt,
+    FeatureMemoryOpt,
     JsonOpt,
+    MaxMemoryOpt,
     PrecisionOpt,
     ProfileOpt,
     QuietOpt,
@@ -84,9 +86,8 @@ def fit_head_command(
     ] = None,
     resume: ResumeOpt = False,
     checkpoint_minutes: CheckpointMinutesOpt = 10.0,
-    max_memory: Annotated[
-        str | None, typer.Option(help="Memory for features, e.g. 8G; beyond it they stream from the cache.")
-    ] = None,
+    max_memory: MaxMemoryOpt = None,
+    feature_memory: FeatureMemoryOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     profile: ProfileOpt = False,
@@ -116,6 +117,7 @@ def fit_head_command(
                 pca_path=pca,
                 resume=resume,
                 max_memory=parse_bytes(max_memory),
+                feature_memory=parse_bytes(feature_memory, "--feature-memory"),
                 checkpoint_minutes=checkpoint_minutes,
                 halving=2 if halving else None,
                 ensemble=ensemble,
@@ -151,7 +153,7 @@ def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def parse_bytes(text: str | None) -> int | None:
+def parse_bytes(text: str | None, option: str = "--max-memory") -> int | None:
     """'512M', '8G', '1.5T' or a plain number of bytes."""
     from blobenc.errors import ConfigError
 
@@ -162,7 +164,7 @@ def parse_bytes(text: str | None) -> int | None:
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
-        raise ConfigError(f"--max-memory {text!r}: expected a size such as 512M or 8G") from None
+        raise ConfigError(f"{option} {text!r}: expected a size such as 512M or 8G") from None
 
 
 def predict_command(

@@ -23,6 +23,7 @@ from blobenc.errors import BlobencError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.heads import create_head
 from blobenc.pca import GroupPCA
+from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import timed, timed_iter
 from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
@@ -215,6 +216,7 @@ def fit_head(
     pca_path: Path | str | None = None,
     resume: bool = False,
     max_memory: int | None = None,
+    feature_memory: int | None = None,
     checkpoint_minutes: float = 10.0,
     halving: int | None = None,
     ensemble: int | None = None,
@@ -226,7 +228,9 @@ def fit_head(
     `ensemble` K: with one config, K heads of it with init seeds seed, seed+1, ... trained side by
     side; with several, the best K; either way averaged at prediction (`ensemble.json`).
 
-    `max_memory` (bytes): features that do not fit are streamed from the cache by chunks.
+    `max_memory` (bytes; None: the memory available): the plan (head_plan) is logged and refused
+    beyond it. `feature_memory` (bytes; None: what the plan leaves of `max_memory`): features that
+    do not fit are streamed from the cache by chunks.
     `checkpoint_minutes`: how often the last weights and training state are written (besides the
     end and Ctrl-C), for --resume.
     """
@@ -245,17 +249,26 @@ def fit_head(
 
     split_file = out / "split.json"
     split = ValidationSplit.load(split_file) if resume else dataset.validation_split(base.val_fraction, base.seed)
+    wanted = {n for c in configs for n in (c.layers or cache.layers)}
+    layers = [n for n in cache.layers if n in wanted]
+    budget = available_memory() if max_memory is None else max_memory
+    plan = head_plan(cache, dataset, split, layers, configs, pca_path is not None or resume)
+    if feature_memory is None:  # features stream when the rest of the plan leaves too little for them
+        feature_memory = budget - plan.without("features")
+        if plan.resident["features"] > feature_memory:
+            plan.resident["features"] = max(feature_memory, 0)  # the stream fills what is left
+    plan.check(budget, "lower --set pca_samples or --pca-components, or use a machine with more memory")
+    logger.info(plan.describe())
     if main:
         split.save(split_file)
-    wanted = {n for c in configs for n in (c.layers or cache.layers)}
     data = HeadData(
         cache,
         dataset,
         split,
-        [n for n in cache.layers if n in wanted],
+        layers,
         device,
         progress,
-        max_memory=max_memory,
+        max_memory=max(feature_memory, 0),
         batch_size=base.batch_size or REFERENCE_BATCH,  # the stream's shuffle buffer holds 2 batches at least
     )
     given = configs
@@ -615,6 +628,38 @@ def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
         ),
     }
     return written + save_weights(tdir / "state.safetensors", tensors, meta)
+
+
+def head_plan(
+    cache: FeatureCache, dataset, split: ValidationSplit, layers: list[str], configs: list, pca_given: bool
+) -> MemoryPlan:
+    """fit-head's memory, from the shapes alone: features in memory (float16) and validation
+    targets throughout; then the group PCA (its sample of group-space targets, their mask, the
+    solver's work: GroupPCA.fit_memory) or training (each trial's V x P embedding, the embedded
+    targets, validation predictions), whichever is larger."""
+    n_train = n_val = 0
+    keys: set = set()
+    for subject in dataset.subjects.values():
+        train, val = split.rows(subject)
+        n_train, n_val = n_train + len(train), n_val + len(val)
+        keys.update(subject.keys["train"])
+    v, n_subjects = dataset.group.n_vertices, len(dataset.subjects)
+    row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in layers)
+    resolved = [resolve_schedule(c, n_train) for c in configs]
+    p = max(c.proj_dim for c in resolved)
+    plan = MemoryPlan(
+        "fit-head",
+        {"baseline": BASELINE, "features": len(keys) * row_bytes, "validation targets": n_val * v * 5},
+    )
+    plan.phases["training"] = {
+        "embeddings": (len(configs) + 1) * v * p * 4,
+        "embedded targets": n_train * p * 4 + n_subjects * p * p * 4,
+        "validation predictions": 3 * n_val * v * 4,
+    }
+    if not pca_given:
+        m = min(n_train, resolved[0].pca_samples)
+        plan.phases["group PCA"] = {"targets": m * v * 5, "solver": GroupPCA(p).fit_memory(m, v)}
+    return plan
 
 
 def pca_samples(n: int, cap: int, seed: int) -> np.ndarray | None:

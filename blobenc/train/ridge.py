@@ -19,6 +19,7 @@ import torch
 from blobenc.data.base import open_dataset
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
+from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import timed
 from blobenc.progress import track
 from blobenc.ridge import (
@@ -215,18 +216,27 @@ def predict_features(fit: SubjectFit, raw: list[torch.Tensor], feats, device: to
     return out
 
 
-def _plan(feats: LayerFeatures, sizes: dict[str, tuple[int, int]], config: RidgeConfig) -> str:
-    d = sum(feats.dims)
-    n_max = max(n for n, _ in sizes.values())
-    v_max = max(v for _, v in sizes.values())
-    solver = "banded (himalaya random search)" if config.banded else ("primal" if d < n_max else "kernel")
-    kernel = (len(feats.layers) if config.banded else 1) * n_max * n_max * 4
-    peak = feats.nbytes * (feats.tables is not None) + min(n_max, d) * d * 4 + kernel + 3 * n_max * v_max * 4
-    where = "in memory" if feats.tables is not None else "read per layer from the cache"
-    return (
-        f"plan: {solver} ridge, features {config.features} ({d} per image over {len(feats.layers)} layers, "
-        f"{feats.nbytes / 1e6:.0f} MB {where}); up to {n_max} images x {v_max} targets per subject; "
-        f"estimated peak {peak / 1e9:.2f} GB"
+def ridge_plan(dims: list[int], n_images: int, sizes: dict[str, tuple[int, int]], n_val: int, n_group: int,
+               config: RidgeConfig) -> MemoryPlan:  # fmt: skip
+    """fit-ridge's memory from the shapes: reduced features in memory (float32) and the validation
+    predictions and targets (group space) throughout; per subject its responses (float32, centred
+    copy, the refit's), the decomposition (float64), one block of 4,096 targets' float64 work and
+    two subjects' worth of coefficients (the validated fit and the refit)."""
+    d = sum(dims)
+    n = max(n for n, _ in sizes.values())
+    v = max(v for _, v in sizes.values())
+    kernel = not (d < n and not config.banded)
+    r = min(n, d)
+    solve = {
+        "responses": 3 * n * v * 4,
+        "decomposition": (3 * n * n * 8 + len(dims) * n * n * 4) if kernel else (2 * n * r * 8 + 2 * d * d * 8),
+        "target blocks": 4 * n * 4096 * 8,
+        "coefficients": 2 * (d + (n if kernel else 0)) * v * 4,
+    }
+    return MemoryPlan(
+        "fit-ridge",
+        {"baseline": BASELINE, "features": n_images * d * 4, "validation": n_val * n_group * 13},
+        {"solve (largest subject)": solve},
     )
 
 
@@ -237,10 +247,14 @@ def fit_ridge(
     config: RidgeConfig = RidgeConfig(),
     *,
     max_memory: int | None = None,
+    feature_memory: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Fit one ridge per subject on the cache, validate on fit-head's by-image split (same seed,
-    same images), refit on every training image, and write the run folder; returns the summary."""
+    same images), refit on every training image, and write the run folder; returns the summary.
+    `max_memory` (bytes; None: the memory available): the plan (ridge_plan) is logged and refused
+    beyond it. `feature_memory` (bytes; None: what the plan leaves): reduced features beyond it are
+    read from the cache a layer at a time."""
     config.check()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -257,12 +271,24 @@ def fit_ridge(
     except CacheError as e:
         raise CacheError(f"{e}: the cache was not extracted from this dataset ({dataset.root})") from None
     img_rows = np.unique(np.concatenate(list(rows.values())))
-    feats = LayerFeatures(cache, layers, config.features, img_rows, max_memory)
-    sizes = {
-        name: (int((data.sets["train"].subject == i).sum()), len(data.group_index[name]))
+    shapes = cache.attrs["layer_shapes"]
+    prefix = int(cache.attrs.get("num_prefix_tokens") or 0)
+    dims = [reduced_dim(config.features, shapes[n], prefix) for n in layers]
+    sizes = {  # the refit's rows: training and validation images
+        name: (int((data.sets["train"].subject == i).sum() + (data.sets["val"].subject == i).sum()),
+               len(data.group_index[name]))
         for i, name in enumerate(data.subjects)
-    }
-    logger.info(_plan(feats, sizes, config))
+    }  # fmt: skip
+    plan = ridge_plan(dims, len(img_rows), sizes, len(data.sets["val"]), data.group.n_vertices, config)
+    budget = available_memory() if max_memory is None else max_memory
+    if feature_memory is None:  # layers are read per use when the rest of the plan leaves too little
+        feature_memory = budget - plan.without("features")
+        if plan.resident["features"] > feature_memory:
+            plan.resident["features"] = 0
+    solver = "banded" if config.banded else ("primal" if sum(dims) < max(n for n, _ in sizes.values()) else "kernel")
+    plan.check(budget, "use --features mean (or a smaller pool=N) or fewer --layers, or a machine with more memory")
+    logger.info("%s; %s ridge on %d features", plan.describe(), solver, sum(dims))
+    feats = LayerFeatures(cache, layers, config.features, img_rows, max(feature_memory, 0))
 
     t0 = time.perf_counter()
     val_pred = np.zeros_like(data.val_target)

@@ -1,0 +1,69 @@
+"""Memory plans: what a long command holds at its peak, estimated from the data's shapes, logged and
+checked against `--max-memory` before any work. Runs that die of memory after an hour, once the
+cache is built, are what this prevents.
+
+A plan is what stays resident for the whole command (the interpreter and its libraries, features
+held in memory) plus the largest of its phases (fit-head: the group PCA, then training).
+benchmarks/plan.py compares the estimates with measured peaks (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blobenc.errors import ResourceError
+
+# Anonymous memory of a command before its data: Python with torch, timm, zarr, scikit-learn and
+# himalaya imported and torch's CPU allocator warmed up (measured by benchmarks/plan.py).
+BASELINE = 400 << 20
+
+
+def available_memory() -> int:
+    """Bytes a new allocation can take without swapping (the kernel's MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@dataclass
+class MemoryPlan:
+    command: str
+    resident: dict[str, int]  # held for the whole command
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # the largest one adds to the peak
+
+    @property
+    def peak_phase(self) -> str | None:
+        return max(self.phases, key=lambda p: sum(self.phases[p].values())) if self.phases else None
+
+    @property
+    def peak(self) -> int:
+        phase = self.peak_phase
+        return sum(self.resident.values()) + (sum(self.phases[phase].values()) if phase else 0)
+
+    def without(self, part: str) -> int:
+        """The peak without one resident part (what is left of a budget for it is budget - this)."""
+        return self.peak - self.resident.get(part, 0)
+
+    def describe(self) -> str:
+        parts = [f"{k} {gb(v)}" for k, v in self.resident.items() if v]
+        phase = self.peak_phase
+        if phase:
+            parts.append(f"{phase}: " + " + ".join(f"{k} {gb(v)}" for k, v in self.phases[phase].items() if v))
+        return f"plan: {self.command} peaks at ~{gb(self.peak)} ({'; '.join(parts)})"
+
+    def check(self, budget: int, remedy: str) -> None:
+        """Refuse in one line, naming what would fit, when the peak exceeds `budget`."""
+        if self.peak > budget:
+            raise ResourceError(
+                f"--max-memory {gb(budget)}: {self.command} needs ~{gb(self.peak)} at its peak "
+                f"({self.peak_phase or 'throughout'}); {remedy}"
+            )
