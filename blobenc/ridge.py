@@ -153,9 +153,11 @@ def loo_ridge(
     the complement of the constant vector. Centred features put the constant vector in K's null
     space, where (K + aI)^-1 is 1/a: left in, it inflates G_ii as alpha -> 0 and makes the smallest
     alpha look best (the mean is unpenalized, so that direction does not belong to the ridge).
-    All in float64: real trunks' features are ill conditioned, and at small alphas float32 loses the
-    leave-one-out error (0.2% at 40 images, 400 features, well conditioned). Cost per alpha: n d V
-    (primal) or n^2 V (dual); targets go in blocks of `target_block`; the results are float32.
+    Decompositions and diagonals are float64 (real trunks' features are ill conditioned), and so
+    are the n x V products, except a primal's with fewer features than rows: float32 there equals
+    scikit-learn to 2e-3 on ill-conditioned features and is the full NSD's (fast) path, while
+    float32 put the kernel path's leave-one-out error 0.2% off at 40 images and 400 features.
+    Cost per alpha: n d V (primal) or n^2 V (dual); targets go in blocks of `target_block`.
     """
     if (X is None) == (K is None):
         raise ValueError("give X (primal) or K (dual)")
@@ -176,21 +178,23 @@ def loo_ridge(
         ev = ev.clamp_min(0)
     mean_leverage = 1.0 / n if intercept else 0.0
     U2 = U * U
+    work = torch.float32 if X is not None and X.shape[1] < n else torch.float64
+    Uw = U.to(work)
     best = torch.full((v,), math.inf, device=dev)
     best_alpha = torch.zeros(v, device=dev, dtype=torch.float64)
     coef = torch.empty(((Vt.shape[1] if X is not None else n), v), device=dev)
     errors = torch.empty(len(alphas), v, device=dev) if curve else None
     a = torch.as_tensor(alphas, device=dev, dtype=torch.float64)
     for sl in _target_blocks(v, target_block):
-        y = Y[:, sl].double()
-        R = U.T @ y
+        y = Y[:, sl].to(work)
+        R = Uw.T @ y
         b_err = torch.full((y.shape[1],), math.inf, device=dev)
         b_alpha = torch.zeros(y.shape[1], device=dev, dtype=torch.float64)
         for k, alpha in enumerate(a):
             if X is not None:  # residual (y - H y) / (1 - h_ii - 1/n)
                 shrink = ev / (ev + alpha)
-                resid = torch.sub(y, U @ (shrink[:, None] * R))
-                resid /= (1 - mean_leverage - U2 @ shrink).clamp_min(1e-12)[:, None]
+                resid = torch.sub(y, Uw @ (shrink.to(work)[:, None] * R))
+                resid /= (1 - mean_leverage - U2 @ shrink).clamp_min(1e-12).to(work)[:, None]
             else:  # c_i / G_ii
                 inv = 1 / (ev + alpha)
                 resid = U @ (inv[:, None] * R)
@@ -203,7 +207,7 @@ def loo_ridge(
             b_alpha = torch.where(better, alpha, b_alpha)
         best[sl], best_alpha[sl] = b_err, b_alpha
         if X is not None:  # W = V diag(s / (s^2 + a_t)) R per target
-            coef[:, sl] = (Vt.T @ (s[:, None] / (ev[:, None] + b_alpha[None, :]) * R)).float()
+            coef[:, sl] = (Vt.T @ (s[:, None] / (ev[:, None] + b_alpha[None, :]) * R.double())).float()
         else:  # c = U diag(1 / (l + a_t)) R per target
             coef[:, sl] = (U @ (R / (ev[:, None] + b_alpha[None, :]))).float()
     return LooResult(best_alpha.float(), best, coef, errors)
