@@ -1,20 +1,22 @@
-"""Scale benchmark: the whole CLI pipeline at a given number of training images per subject, with
-the CPU time each command spends in user and kernel (system) mode.
+"""Scale benchmark: the whole CLI pipeline at a given number of training images per subject, each
+command on its defaults as its own process, measured as the kernel sees it.
 
-    python benchmarks/scale.py --workdir /tmp/scale --train-images 250 [--checkout COPY]
-                               [--baseline CHECKOUT] [--baseline-env OMP_WAIT_POLICY=ACTIVE ...]
-                               [--skip fit-ridge]
+    python benchmarks/scale.py --workdir /tmp/scale --train-images 9841 --test-images 159
+                               [--model test_vit --layers 'blocks.[0-5]'] [--skip fit-ridge ...]
+                               [--checkout COPY] [--baseline CHECKOUT [--baseline-env K=V ...]]
 
-`blobenc synth` (8 subjects, `--vertices full --image-size 64`) writes the dataset once per
-size; then, each as its own process with the kernel's accounting of it (wall, user, sys, peak
-RSS, page faults, context switches; what `/usr/bin/time -v` reports), with `--profile` so every
-run folder also holds its profile.json:
-  * extract: vit_tiny_patch16_224, random init, layers blocks.[0369] and blocks.11;
-  * fit-head with defaults; fit-ridge with defaults;
-  * predict from the fit-head run (test split, scored).
+`blobenc synth` (8 subjects, `--vertices full --image-size 64`: the real vertex counts) writes the
+dataset once per size, itself measured; then extract (a random-init timm trunk, default the tiny
+`test_vit`, all six blocks cached), fit-ridge, fit-head (full schedule), predict (the head's run,
+test split, scored), evaluate (those predictions) and report (both runs, one HTML page). For each:
+wall, user and system CPU seconds, sys÷user, peak anonymous memory (what the kernel cannot
+reclaim: memory-mapped inputs and the page cache left out; issue #21's budget), peak RSS, page
+faults and bytes written; and, from the `--profile` each command writes, the seconds of its
+top-level phases. The projection of these phases to the seed's EVA02-base trunk is in
+docs/benchmarks.md, from the cache's bytes and the trunk's FLOPs.
 `--baseline` runs the same commands with another checkout's blobenc (e.g. a `git worktree` of the
-commit before a change), after this checkout's, on the same dataset: one table, both measured
-in the same run. `--baseline-env KEY=VALUE` adds environment to the baseline's commands only.
+commit before a change), after this checkout's, on the same dataset: one table, both measured in
+the same run. `--baseline-env KEY=VALUE` adds environment to the baseline's commands only.
 `--checkout` runs "this" side from a copy too (a working tree others keep editing, frozen).
 """
 
@@ -24,17 +26,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from _measure import du, measured
 from _report import report
 
-LAYERS = ["--layers", "blocks.[0369]", "--layers", "blocks.11"]
-TRUNK = ["--model", "vit_tiny_patch16_224", "--no-pretrained"]
 SYNTH = ["--vertices", "full", "--image-size", "64"]
-STEPS = ("extract", "fit-head", "fit-ridge", "predict")
+STEPS = ("extract", "fit-ridge", "fit-head", "predict", "evaluate", "report")
 
 
 def blobenc(checkout: Path | None) -> list[str]:
@@ -43,79 +42,72 @@ def blobenc(checkout: Path | None) -> list[str]:
     return [sys.executable, "-c", code] if checkout else [shutil.which("blobenc") or "blobenc"]
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run one command; its wall time and the kernel's accounting of it (`os.wait4`: the same
-    figures `/usr/bin/time -v` prints, without needing that program), output in `log`."""
-    with log.open("w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        sys.exit(f"failed ({code}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return {
-        "wall": wall,
-        "user": ru.ru_utime,
-        "sys": ru.ru_stime,
-        "rss_gb": ru.ru_maxrss / 2**20,  # KiB on Linux
-        "faults": ru.ru_minflt + ru.ru_majflt,
-        "vcs": ru.ru_nvcsw,
-        "ics": ru.ru_nivcsw,
-    }
+def phases(folder: Path) -> dict[str, float]:
+    """Wall seconds of the top-level phases in folder/profile.json (empty when there is none)."""
+    path = folder / "profile.json"
+    if not path.is_file():
+        return {}
+    found = json.loads(path.read_text())["phases"]
+    return {name: p["wall_s"] for name, p in found.items() if "/" not in name}
 
 
-def pipeline(name: str, data: Path, work: Path, checkout: Path | None, extra_env: dict, skip: set) -> dict:
-    """extract, fit-head, fit-ridge, predict into `work`; {step: measures}."""
+def pipeline(name: str, data: Path, work: Path, checkout: Path | None, extra_env: dict, args) -> dict:
+    """extract ... report into `work`; {step: measures}."""
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **extra_env)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", **extra_env)
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)
     cli = blobenc(checkout)
     cache, head, ridge, pred = work / "cache", work / "head", work / "ridge", work / "pred"
-    scored = ["--json", str(work / "predict.json")]
-    commands = {
-        "extract": [*cli, "extract", str(data), "--out", str(cache), *TRUNK, *LAYERS, "--quiet"],
-        "fit-head": [*cli, "fit-head", str(cache), "--data", str(data), "--out", str(head), "--quiet"],
-        "fit-ridge": [*cli, "fit-ridge", str(cache), "--data", str(data), "--out", str(ridge), "--quiet"],
-        "predict": [*cli, "predict", str(head), "--data", str(data), "--out", str(pred), "--quiet", *scored],
-    }
+    page = work / "report.html"
+    trunk = ["--model", args.model, "--no-pretrained", *[x for layer in args.layers for x in ("--layers", layer)]]
+    d = ["--data", str(data), "--quiet"]
+    commands = {  # step: (command, what it writes, where its profile.json goes)
+        "extract": ([*cli, "extract", str(data), "--out", str(cache), *trunk, "--quiet"], cache, cache),
+        "fit-ridge": ([*cli, "fit-ridge", str(cache), *d, "--out", str(ridge)], ridge, ridge),
+        "fit-head": ([*cli, "fit-head", str(cache), *d, "--out", str(head)], head, head),
+        "predict": ([*cli, "predict", str(head), *d, "--out", str(pred), "--json", str(work / "predict.json")],
+                    pred, pred),
+        "evaluate": ([*cli, "evaluate", str(pred), *d, "--json", str(work / "evaluate.json")], None, None),
+        "report": ([*cli, "report", str(head), str(ridge), *d, "--out", str(page)], page, None),
+    }  # fmt: skip
     results = {}
     for step in STEPS:
-        if step in skip or (step == "predict" and "fit-head" in skip):
+        if step in args.skip:
             continue
-        cmd = commands[step]
-        if checkout is None or _has_profile(checkout):
+        cmd, written, profiled = commands[step]
+        if profiled is not None and (checkout is None or (checkout / "blobenc" / "profile.py").is_file()):
             cmd = [*cmd, "--profile"]
         print(f"[{name}] {step} ...", flush=True)
-        results[step] = timed(cmd, env, work / f"{step}.log")
+        results[step] = measured(cmd, env, work / f"{step}.log")
+        results[step]["written_gb"] = du(written) / 1e9 if written is not None and written.exists() else 0.0
+        results[step]["phases"] = phases(profiled) if profiled is not None else {}
         print(f"[{name}] {step}: {json.dumps(results[step])}", flush=True)
-    if "fit-head" in results:
-        summary = json.loads((head / "summary.json").read_text())
-        results["fit-head"]["score"] = summary["val"]["median_r2"]
-    if "fit-ridge" in results:
-        results["fit-ridge"]["score"] = json.loads((ridge / "summary.json").read_text())["val"]["median_r2"]
-    if "predict" in results:
-        results["predict"]["score"] = json.loads((work / "predict.json").read_text()).get("score")
+    for step, path in (("fit-head", head / "summary.json"), ("fit-ridge", ridge / "summary.json")):
+        if step in results:
+            results[step]["score"] = json.loads(path.read_text())["val"]["median_r2"]
+    for step in ("predict", "evaluate"):
+        if step in results:
+            results[step]["score"] = json.loads((work / f"{step}.json").read_text()).get("score")
     return results
 
 
-def _has_profile(checkout: Path) -> bool:
-    return (checkout / "blobenc" / "profile.py").is_file()
-
-
 def rows_for(name: str, results: dict) -> list[tuple[str, str]]:
-    rows = [(f"[bold]{name}", "wall s / user s / sys s / sys÷user / peak RSS GB / faults / score")]
+    head = "wall s / user s / sys s / sys÷user / peak anon GB / peak RSS GB / faults / written GB / score"
+    rows = [(f"[bold]{name}", head)]
     for step, r in results.items():
         ratio = r["sys"] / r["user"] if r["user"] else float("nan")
         score = f"{r['score']:.4f}" if isinstance(r.get("score"), float) else "-"
         rows.append(
             (
                 step,
-                f"{r['wall']:.1f} / {r['user']:.1f} / {r['sys']:.1f} / [bold]{ratio:.3f}[/] / {r['rss_gb']:.2f} / "
-                f"{r['faults'] / 1e6:.2f}M / {score}",
+                f"{r['wall']:.1f} / {r['user']:.1f} / {r['sys']:.1f} / [bold]{ratio:.3f}[/] / "
+                f"[bold]{r['anon_gb']:.2f}[/] / {r['rss_gb']:.2f} / {r['faults'] / 1e6:.2f}M / "
+                f"{r['written_gb']:.2f} / {score}",
             )
         )
+        if r.get("phases"):
+            rows.append(("  phases (wall s)", ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())))
     return rows
 
 
@@ -125,6 +117,8 @@ def main(argv=None) -> None:
     p.add_argument("--train-images", type=int, default=250, help="training images per subject")
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--test-images", type=int, default=40)
+    p.add_argument("--model", default="test_vit", help="a timm model, random init")
+    p.add_argument("--layers", nargs="+", default=["blocks.[0-5]"])
     p.add_argument("--checkout", type=Path, default=None, help="run this side from a copy (default: installed)")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same commands with")
     p.add_argument("--baseline-env", nargs="*", default=[], help="KEY=VALUE for the baseline's commands only")
@@ -132,24 +126,26 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     root = args.workdir / f"n{args.train_images}"
     data = root / "data"
+    runs = {}
     if not data.exists():
+        root.mkdir(parents=True, exist_ok=True)
         sizes = ["--train-images", str(args.train_images), "--test-images", str(args.test_images)]
-        subprocess.run(
-            [*blobenc(None), "synth", str(data), "--subjects", str(args.subjects), *sizes, *SYNTH, "--quiet"],
-            check=True,
-        )
+        cmd = [*blobenc(None), "synth", str(data), "--subjects", str(args.subjects), *sizes, *SYNTH, "--quiet"]
+        print("synth ...", flush=True)
+        synth = measured(cmd, dict(os.environ), root / "synth.log")
+        runs["dataset"] = {"synth": synth | {"written_gb": du(data) / 1e9, "phases": {}}}
     from blobenc.data.base import open_dataset
 
-    ds = open_dataset(data)
-    n_images = len(ds.unique_images())
+    n_images = len(open_dataset(data).unique_images())
     this = args.checkout.resolve() if args.checkout else None
-    runs = {"this checkout": pipeline("this checkout", data, root / "this", this, {}, set(args.skip))}
+    runs["this checkout"] = pipeline("this checkout", data, root / "this", this, {}, args)
     if args.baseline:
         env = dict(kv.split("=", 1) for kv in args.baseline_env)
         label = f"baseline {args.baseline}" + (f" ({' '.join(args.baseline_env)})" if env else "")
-        runs[label] = pipeline("baseline", data, root / "baseline", args.baseline.resolve(), env, set(args.skip))
+        runs[label] = pipeline("baseline", data, root / "baseline", args.baseline.resolve(), env, args)
     rows = [
         ("dataset", f"{args.subjects} subjects x {args.train_images} training images, {n_images} unique images"),
+        ("trunk", f"{args.model} (random init), layers {' '.join(args.layers)}"),
         ("cores available", str(len(os.sched_getaffinity(0)))),
         ("load average at the end", " ".join(f"{x:.1f}" for x in os.getloadavg())),
     ]
