@@ -92,20 +92,14 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
 def _val_predictions(trials: list[Trial], data, batch_size: int, device, amp) -> list[np.ndarray]:
     """Group-space predictions (N_val, V) of the validation samples, in sample order, for every
     trial from one pass over the validation data (a streamed cache is read once, not per trial)."""
-    order, preds = [], [[] for _ in trials]
+    # written in place batch by batch: a list of batches and its concatenation were two more copies
+    preds = [np.empty((len(data.sets["val"]), data.group.n_vertices), dtype=np.float32) for _ in trials]
     with torch.no_grad():
         for idx, feats, subject in data.val_batches(batch_size):
-            for out, trial in zip(preds, trials, strict=True):
+            for pred, trial in zip(preds, trials, strict=True):
                 inputs = [([feats[j] for j in trial.layer_idx], subject)]
-                out.append(predict_group(trial.model, iter(inputs), device, amp))
-            order.append(idx)
-    idx = np.concatenate(order)
-    result = []
-    for out in preds:
-        pred = np.empty((len(idx), data.group.n_vertices), dtype=np.float32)
-        pred[idx] = torch.cat(out).numpy()
-        result.append(pred)
-    return result
+                pred[idx] = predict_group(trial.model, iter(inputs), device, amp).numpy()
+    return preds
 
 
 @timed("roi tables")
