@@ -3,12 +3,14 @@ checked against `--max-memory` before any work. Runs that die of memory after an
 cache is built, are what this prevents.
 
 A plan is what stays resident for the whole command (the interpreter and its libraries, features
-held in memory) plus the largest of its phases (fit-head: the group PCA, then training).
+held in memory) plus the largest of its phases (fit-head: the group PCA, then training), and the
+bytes it will write, checked against the disk's free space before any work too.
 benchmarks/plan.py compares the estimates with measured peaks (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class MemoryPlan:
     command: str
     resident: dict[str, int]  # held for the whole command
     phases: dict[str, dict[str, int]] = field(default_factory=dict)  # the largest one adds to the peak
+    disk: int = 0  # bytes the command will write
 
     @property
     def peak_phase(self) -> str | None:
@@ -58,7 +61,8 @@ class MemoryPlan:
         phase = self.peak_phase
         if phase:
             parts.append(f"{phase}: " + " + ".join(f"{k} {gb(v)}" for k, v in self.phases[phase].items() if v))
-        return f"plan: {self.command} peaks at ~{gb(self.peak)} ({'; '.join(parts)})"
+        writes = f"; writes ~{gb(self.disk)}" if self.disk else ""
+        return f"plan: {self.command} peaks at ~{gb(self.peak)} ({'; '.join(parts)}){writes}"
 
     def check(self, budget: int, remedy: str) -> None:
         """Refuse in one line, naming what would fit, when the peak exceeds `budget`."""
@@ -66,4 +70,15 @@ class MemoryPlan:
             raise ResourceError(
                 f"--max-memory {gb(budget)}: {self.command} needs ~{gb(self.peak)} at its peak "
                 f"({self.peak_phase or 'throughout'}); {remedy}"
+            )
+
+    def check_disk(self, out: Path, remedy: str) -> None:
+        """Refuse in one line when the disk holding `out` has less free space than the plan writes."""
+        if not self.disk:
+            return
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        if self.disk > free:
+            raise ResourceError(
+                f"{out}: {self.command} writes ~{gb(self.disk)}, the disk has {gb(free)} free; {remedy}"
             )

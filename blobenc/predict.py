@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from blobenc.data.base import open_dataset, verify_images
 from blobenc.errors import CacheError, ConfigError, ModelError
+from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.predictions import score_subject
 from blobenc.profile import phase, timed
 from blobenc.progress import track
@@ -117,14 +118,21 @@ def predict(
     use_cache: bool = True,
     images: Path | str | None = None,
     progress: bool = True,
+    max_memory: int | None = None,
+    block_images: int = 2048,
 ) -> dict:
     """Write PRED/subjNN/{lh,rh}_pred_<split>.npy; returns scores per subject where fMRI exist.
 
     With `images` (any folder of images) it writes PRED/subjNN/{lh,rh}_pred_images.npy instead,
     rows in the order PRED/images.txt lists, for every subject.
+
+    Subjects are predicted `block_images` images at a time; the plan (predict_plan) is logged and
+    refused beyond `max_memory` (bytes; None: the memory available) or the disk's free space.
     """
     if split not in ("train", "test"):
         raise ConfigError(f"--split {split!r}: expected train or test")
+    if block_images < 1:
+        raise ConfigError(f"--block-images {block_images}: expected at least 1")
     if images is not None:
         from blobenc.features.images import list_images
 
@@ -175,30 +183,47 @@ def predict(
     )
     verify_images([p for k, p in wanted.items() if finetuned or source.cache is None or k not in source.cache.row_of])
 
-    # Features depend on the image alone, so they are read (or computed) once for every subject's
-    # images together: subjects share test images (8 subjects sharing a test set read it 8x before).
-    # A model of images decodes each subject's own (the union of decoded images is large).
-    per_subject = finetuned and images is None
-    if not per_subject:
+    block = block_images
+    sizes = {n: len(image_keys) if images is not None else len(dataset.subjects[n].keys[split]) for n in names}
+    plan = predict_plan(model, spec, dataset, sizes, len(wanted), block, finetuned)
+    budget = available_memory() if max_memory is None else max_memory
+    # Features depend on the image alone: when every wanted image's features fit what the plan
+    # leaves, they are read (or computed) once for all subjects, who share test images (8 subjects
+    # sharing a test set read it 8x before); else each subject's, a block of images at a time.
+    shared = not finetuned and plan.resident["features"] <= budget - plan.without("features")
+    if not shared:
+        plan.resident["features"] = 0
+    plan.check(budget, "lower --block-images or --batch-size, or predict one --subject at a time")
+    plan.check_disk(Path(out), "free space or predict one --subject at a time")
+    logger.info(plan.describe())
+    if shared:
         everyone = inputs(list(wanted), list(wanted.values()))
         position = {k: i for i, k in enumerate(wanted)}
+
+    def subject_features(keys: list[str], paths: list[Path]) -> list[torch.Tensor]:
+        if not shared:
+            return inputs(keys, paths)
+        at = torch.as_tensor([position[k] for k in keys])
+        return [f[at] for f in everyone]
+
     scores = {}
     staging = PredictionStaging(Path(out))
     with staging:
         for name in track(names, "predicting", progress):
             subject = dataset.subjects[name]
-            if per_subject:
-                feats = inputs(list(subject.keys[split]), list(subject.images[split]))
-            elif images is not None:  # the same images for every subject
-                feats = everyone
-            else:
-                at = torch.as_tensor([position[k] for k in subject.keys[split]])
-                feats = [f[at] for f in everyone]
-            if spec.get("kind") == "ridge":  # one model per subject, in its own vertex space
-                native = model.predict_subject(name, feats, source.cache)
-            else:
-                native = _group_predictions(model, feats, spec["subjects"].index(name), batch_size, dev, amp)
-                native = native[:, dataset.group_index(name)]
+            keys = image_keys if images is not None else list(subject.keys[split])
+            paths = image_paths if images is not None else list(subject.images[split])
+            native = None
+            for lo in range(0, len(keys), block):
+                feats = subject_features(keys[lo : lo + block], paths[lo : lo + block])
+                if spec.get("kind") == "ridge":  # one model per subject, in its own vertex space
+                    part = model.predict_subject(name, feats, source.cache)
+                else:
+                    part = _group_predictions(model, feats, spec["subjects"].index(name), batch_size, dev, amp)
+                    part = part[:, dataset.group_index(name)]
+                if native is None:
+                    native = np.empty((len(keys), part.shape[1]), np.float32)
+                native[lo : lo + len(part)] = part
             with phase("write"):
                 dataset.write_predictions(staging.path, name, native, split, image_keys if images is not None else None)
             if split == "test" and subject.has_responses(split):
@@ -207,6 +232,32 @@ def predict(
         if images is not None:
             (staging.path / "images.txt").write_text("\n".join(image_keys) + "\n")
     return scores
+
+
+def predict_plan(model, spec: dict, dataset, sizes: dict[str, int], n_wanted: int, block: int, finetuned: bool):
+    """predict's memory and disk from the shapes: the model's weights and, when shared, every
+    wanted image's features throughout; per subject its predictions (the files it writes) and one
+    block of images' inputs, float32, and group-space outputs."""
+    feats = spec["features"]
+    if finetuned:
+        row = 4 * int(np.prod(feats["preprocessing"]["input_size"]))
+        stored = 0
+    else:
+        shapes = [int(np.prod(feats["layer_shapes"][n])) for n in spec["layers"]]
+        row = 4 * sum(shapes)
+        stored = np.dtype(feats["dtype"]).itemsize * sum(shapes)
+    params = model.parameters() if isinstance(model, torch.nn.Module) else []
+    weights = sum(t.numel() * t.element_size() for t in params)
+    native = max(sizes[n] * dataset.subjects[n].n_targets for n in sizes) * 4
+    rows = min(block, max(sizes.values()))
+    plan = MemoryPlan("predict", {"baseline": BASELINE, "model": weights, "features": n_wanted * stored})
+    plan.phases["predicting"] = {
+        "predictions": native,
+        "inputs": 2 * rows * row,
+        "outputs": 2 * rows * dataset.group.n_vertices * 4,
+    }
+    plan.disk = sum(sizes[n] * dataset.subjects[n].n_targets * 4 for n in sizes)
+    return plan
 
 
 class PredictionStaging:

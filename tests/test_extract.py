@@ -137,6 +137,21 @@ def test_refuses_foreign_folder(small_data, tmp_path):
     assert (tmp_path / "c" / "thesis.tex").read_text() == "precious"
 
 
+def test_plan_refuses_beyond_max_memory_or_the_free_disk_before_writing(small_data, tmp_path):
+    from blobenc import ResourceError
+    from blobenc.plan import MemoryPlan
+
+    out = tmp_path / "cache"
+    args = ["extract", str(small_data), "--out", str(out), "--model", "test_vit", "--no-pretrained", "-q"]
+    res = runner.invoke(app, [*args, "--layers", "blocks.*", "--max-memory", "100M"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "--max-memory 0.10 GB: extract needs ~" in res.output and "--batch-size" in res.output
+    assert not out.exists()
+    plan = MemoryPlan("extract", {"baseline": 1}, disk=1 << 60)  # an exabyte: more than any disk has free
+    with pytest.raises(ResourceError, match=r"cache: extract writes ~1152921504.61 GB, the disk has .* GB free"):
+        plan.check_disk(out, "free space")
+
+
 def test_corrupt_image_keeps_finished_chunks(data_copy, tmp_path):
     _, paths = images_of(data_copy)
     bad = paths[40]  # in chunk 2 (16 images per chunk)

@@ -903,3 +903,29 @@ def test_fit_head_refuses_a_plan_beyond_max_memory_before_any_work(small_cache, 
     assert [p.name for p in out.iterdir()] == ["log.txt"]  # nothing read or written: a rerun may use --out
     res = CliRunner().invoke(app, ["fit-head", str(small_cache), "--data", str(train_data), "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
+
+
+def test_predict_by_blocks_of_images_equals_one_block_and_refuses_beyond_max_memory(small_cache, train_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from blobenc.cli import app
+
+    fit_head(small_cache, train_data, tmp_path / "run", [cfg(epochs=1)], progress=False)
+    base = ["predict", str(tmp_path / "run"), "--data", str(train_data), "-q"]
+    runs = {"whole": [], "blocks": ["--block-images", "3"], "train": ["--split", "train", "--block-images", "5"]}
+    for name, extra in runs.items():
+        res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    ds = AlgonautsDataset(train_data)
+    for hemi in ("lh", "rh"):
+        whole = np.load(tmp_path / "whole" / "subj02" / f"{hemi}_pred_test.npy")
+        np.testing.assert_allclose(np.load(tmp_path / "blocks" / "subj02" / f"{hemi}_pred_test.npy"), whole, atol=1e-5)
+        train = np.load(tmp_path / "train" / "subj02" / f"{hemi}_pred_train.npy")
+        assert train.shape == (len(ds.subjects["subj02"].keys["train"]), whole.shape[1])
+    for extra, message in (
+        (["--max-memory", "100M"], "--max-memory 0.10 GB: predict needs ~"),
+        (["--block-images", "0"], "--block-images 0: expected at least 1"),
+    ):
+        res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "refused"), *extra])
+        assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "refused").exists()  # refused before any work

@@ -149,6 +149,13 @@ def test_fit_ridge_run_predict_evaluate(small_cache, train_data, tmp_path):
     scores = json.loads((tmp_path / "e.json").read_text())
     assert scores["score"] > 5  # the devkit's noise-normalized score, well above a constant's 0
     assert json.loads((tmp_path / "p.json").read_text())["score"] == pytest.approx(scores["score"])
+    blocks = tmp_path / "blocks"  # a subject predicted 5 images at a time: the same predictions
+    res = runner.invoke(
+        app, ["predict", str(run), "--data", str(train_data), "--out", str(blocks), "--block-images", "5"]
+    )
+    assert res.exit_code == 0, res.output
+    for path in pred.glob("*/*.npy"):
+        np.testing.assert_allclose(np.load(blocks / path.relative_to(pred)), np.load(path), atol=1e-5)
 
     res = runner.invoke(app, ["finetune", str(run), "--data", str(train_data), "--out", str(tmp_path / "ft")])
     assert res.exit_code == 1 and "fit-ridge run" in res.output and "Traceback" not in res.output

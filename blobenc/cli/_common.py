@@ -169,3 +169,17 @@ def write_json(path: Path | None, obj: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def parse_bytes(text: str | None, option: str = "--max-memory") -> int | None:
+    """'512M', '8G', '1.5T' or a plain number of bytes."""
+    from blobenc.errors import ConfigError
+
+    if text is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected a size such as 512M or 8G") from None

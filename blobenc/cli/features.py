@@ -12,6 +12,7 @@ from blobenc.cli._common import (
     DeviceOpt,
     JsonOpt,
     LayersOpt,
+    MaxMemoryOpt,
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
@@ -22,6 +23,7 @@ from blobenc.cli._common import (
     computing,
     console,
     errors,
+    parse_bytes,
     setup_logging,
     write_json,
 )
@@ -57,6 +59,7 @@ def extract_command(
     overwrite: Annotated[bool, typer.Option(help="Delete an existing cache and start over.")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     json_out: JsonOpt = None,
     profile: ProfileOpt = False,
     quiet: QuietOpt = False,
@@ -91,7 +94,14 @@ def extract_command(
         )
         with computing(profile, lambda: out, quiet):
             summary = extract(
-                keys, paths, out, config, shard=parse_shard(shard), overwrite=overwrite, progress=not quiet
+                keys,
+                paths,
+                out,
+                config,
+                shard=parse_shard(shard),
+                overwrite=overwrite,
+                progress=not quiet,
+                max_memory=parse_bytes(max_memory),
             )
         info = FeatureCache.open(out, allow_incomplete=True).info()
     write_json(json_out, summary | {"info": info})

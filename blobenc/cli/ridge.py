@@ -20,11 +20,12 @@ from blobenc.cli._common import (
     computing,
     console,
     errors,
+    parse_bytes,
     setup_logging,
     write_run_report,
 )
 from blobenc.cli.data import roi_table
-from blobenc.cli.train import parse_bytes, validation_table
+from blobenc.cli.train import validation_table
 
 
 def fit_ridge_command(

@@ -26,6 +26,7 @@ from blobenc.cli._common import (
     computing,
     console,
     errors,
+    parse_bytes,
     setup_logging,
     write_json,
     write_run_report,
@@ -153,20 +154,6 @@ def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def parse_bytes(text: str | None, option: str = "--max-memory") -> int | None:
-    """'512M', '8G', '1.5T' or a plain number of bytes."""
-    from blobenc.errors import ConfigError
-
-    if text is None:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise ConfigError(f"{option} {text!r}: expected a size such as 512M or 8G") from None
-
-
 def predict_command(
     runs: Annotated[
         list[Path],
@@ -186,6 +173,10 @@ def predict_command(
         Path | None, typer.Option(help="Any folder of images: writes subjNN/{lh,rh}_pred_images.npy + images.txt.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    block_images: Annotated[
+        int, typer.Option(help="Images predicted at a time per subject (memory: their inputs and outputs).")
+    ] = 2048,
+    max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     select: Annotated[
@@ -216,6 +207,7 @@ def predict_command(
                 selected = predict_selected(
                     runs, data, out, select or "stack", subject, progress=not quiet,
                     batch_size=batch_size, device=device, precision=precision,
+                    max_memory=parse_bytes(max_memory), block_images=block_images,
                 )  # fmt: skip
                 scores = selected["scores"]
                 if not quiet:
@@ -223,7 +215,7 @@ def predict_command(
             else:
                 scores = predict(
                     runs[0], data, out, subject, split, cache, batch_size, device, precision, images=images,
-                    progress=not quiet,
+                    progress=not quiet, max_memory=parse_bytes(max_memory), block_images=block_images,
                 )  # fmt: skip
     if scores:
         from blobenc.predictions import summarize

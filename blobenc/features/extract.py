@@ -23,6 +23,7 @@ from blobenc.features.images import ImageViews
 from blobenc.features.trunk import (
     LayerCapture,
     TrunkSpec,
+    all_layer_shapes,
     augment_transform,
     create_trunk,
     eval_transform,
@@ -32,6 +33,7 @@ from blobenc.features.trunk import (
     resolve_layers,
     weights_fingerprint,
 )
+from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import phase
 from blobenc.progress import make_progress
 from blobenc.runtime import autocast, default_workers, resolve_device, resolve_precision
@@ -42,6 +44,12 @@ STORE_DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Chunk size: ~16 MiB per chunk of the largest layer (docs/benchmarks.md has the measurements).
 TARGET_CHUNK_BYTES = 16 << 20
+# Live activations of a forward pass in units of the trunk's largest module output: the residual
+# stream, the block's input and its widest intermediate (inference mode frees the rest).
+ACTIVATION_FACTOR = 4
+# Chunks in memory at once: two being filled (a batch may straddle a boundary), two queued for the
+# writer and the one it is writing.
+CHUNKS_HELD = 5
 
 
 @dataclass(frozen=True)
@@ -155,8 +163,12 @@ def extract(
     shard: tuple[int, int] = (0, 1),
     overwrite: bool = False,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> dict:
     """Fill the feature cache at `out` with `config`'s layers for every image; resumes an incomplete one.
+
+    Its plan (extract_plan: memory, and the bytes left to write) is logged before any work and
+    refused beyond `max_memory` (bytes; None: the memory available) or the disk's free space.
 
     Returns a summary: images done by this call, images/s, MB written, chunks complete/total.
     """
@@ -195,11 +207,19 @@ def extract(
         "images": list(keys),
     }
     arrays = {n: ((len(keys), *view_shape, *s), (chunk_images, *view_shape, *s)) for n, s in shapes.items()}
+    held = min(CHUNKS_HELD, len(ranges)) * min(chunk_images, len(keys)) * sum(row_bytes.values())
+    plan = extract_plan(model, prep, layers, config, held)
+    new = overwrite or not cache_mod.is_cache(out)
+    if new:  # refused before the store exists; a resume is checked below, on what is left
+        mine = cache_mod.shard_chunks(len(ranges), *shard)
+        _check_plan(plan, sum(ranges[c][1] - ranges[c][0] for c in mine) * sum(row_bytes.values()), out, max_memory)
     group = cache_mod.create_or_open(out, attrs, arrays, overwrite=overwrite)
 
     done = group[cache_mod.DONE][:].astype(bool)
     mine = [c for c in cache_mod.shard_chunks(len(ranges), *shard) if not done[c]]
     rows = [r for c in mine for r in range(*ranges[c])]
+    if not new:
+        _check_plan(plan, len(rows) * sum(row_bytes.values()), out, max_memory)
     summary = {
         "cache": str(out),
         "images_total": len(keys),
@@ -312,3 +332,32 @@ def extract(
         chunks_done=int(group[cache_mod.DONE][:].sum()),
     )
     return summary
+
+
+def extract_plan(
+    model: torch.nn.Module, prep: dict, layers: list[str], config: ExtractConfig, chunks: int
+) -> MemoryPlan:
+    """extract's memory from the trunk's shapes (one dummy forward of every module): its weights
+    throughout; per batch the decoded images, the live activations (ACTIVATION_FACTOR x the
+    largest module output), the captured layers in float32, and `chunks` bytes of the cache's
+    chunks (up to CHUNKS_HELD of them).
+    DataLoader workers are processes of their own and not counted."""
+    shapes = dict(all_layer_shapes(model, prep))
+    out_bytes = {n: 4 * math.prod(s) for n, s in shapes.items() if s}
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    b = config.batch_size * config.views
+    plan = MemoryPlan("extract", {"baseline": BASELINE, "trunk": weights})
+    plan.phases["forward"] = {
+        "images": 2 * b * 4 * math.prod(prep["input_size"]),
+        "activations": ACTIVATION_FACTOR * b * max(out_bytes.values()),
+        "layers": b * sum(out_bytes.get(n, 0) for n in layers),
+        "chunks": chunks,
+    }
+    return plan
+
+
+def _check_plan(plan: MemoryPlan, disk: int, out: Path, max_memory: int | None) -> None:
+    plan.disk = disk
+    plan.check(available_memory() if max_memory is None else max_memory, "lower --batch-size or --chunk-images")
+    plan.check_disk(out, "free space, or write less: --pool N, fewer --layers, or --store-dtype float16")
+    logger.info(plan.describe())

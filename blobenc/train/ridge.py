@@ -449,6 +449,7 @@ class RidgeModel:
         self.mode = spec["ridge"]["features"]
         self.prefix = int(spec["features"].get("num_prefix_tokens") or 0)
         self.device = torch.device("cpu")
+        self._loaded: tuple[str, tuple] | None = None  # the last subject's fit: predict asks by blocks of rows
 
     def to(self, device: torch.device) -> RidgeModel:
         self.device = device
@@ -461,8 +462,11 @@ class RidgeModel:
     @timed("predict")
     def predict_subject(self, name: str, raw: list[torch.Tensor], cache: FeatureCache | None) -> np.ndarray:
         """(n, n_targets) float32 predictions of subject `name` from per-layer features (n, *shape)."""
-        fit, rows = load_fit(self.dir / "weights" / f"{name}.safetensors", cache, self.device)
         layers = self.spec["layers"]
+        if self._loaded is None or self._loaded[0] != name:
+            fit, rows = load_fit(self.dir / "weights" / f"{name}.safetensors", cache, self.device)
+            train = LayerFeatures(cache, layers, self.mode, rows, max_memory=0) if rows is not None else None
+            self._loaded = name, (fit, train)
+        fit, train = self._loaded[1]
         reduced = [reduce_layer(x, self.mode, self.prefix, n) for x, n in zip(raw, layers, strict=True)]
-        train = LayerFeatures(cache, layers, self.mode, rows, max_memory=0) if rows is not None else None
         return predict_features(fit, reduced, train, self.device).float().cpu().numpy()
