@@ -276,6 +276,7 @@ def finetune_command(
         list[str] | None, typer.Option("--freeze", help="Trunk parameter glob kept frozen (norm layers always are).")
     ] = None,
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute trunk activations in backward.")] = False,
+    max_memory: MaxMemoryOpt = None,
     resume: ResumeOpt = False,
     checkpoint_minutes: CheckpointMinutesOpt = 10.0,
     device: DeviceOpt = "auto",
@@ -300,7 +301,14 @@ def finetune_command(
         cfg = load_config(config, overrides, cls=FinetuneConfig)
         with computing(profile, lambda: out, quiet):
             summary = finetune(
-                run, data, out, cfg, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=not quiet
+                run,
+                data,
+                out,
+                cfg,
+                resume=resume,
+                checkpoint_minutes=checkpoint_minutes,
+                progress=not quiet,
+                max_memory=parse_bytes(max_memory),
             )
     if summary is not None and report:
         write_run_report(out, quiet)

@@ -20,6 +20,7 @@ from blobenc.features.extract import default_workers
 from blobenc.features.trunk import (
     LayerCapture,
     TrunkSpec,
+    all_layer_shapes,
     augment_transform,
     create_trunk,
     eval_transform,
@@ -28,6 +29,7 @@ from blobenc.features.trunk import (
     weights_fingerprint,
 )
 from blobenc.heads import create_head
+from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.train.checkpoint import (
     PCA_FILE,
     RUN_FORMAT,
@@ -203,8 +205,11 @@ def finetune(
     resume: bool = False,
     checkpoint_minutes: float = 10.0,
     progress: bool = True,
+    max_memory: int | None = None,
 ) -> dict | None:
-    """Fine-tune a fit-head run's trunk (attention blocks by default) and head end to end."""
+    """Fine-tune a fit-head run's trunk (attention blocks by default) and head end to end. The plan
+    (finetune_plan) is logged and refused beyond `max_memory` (bytes; None: the memory available)
+    before any image is read."""
     source = resolve_run(run)
     spec = read_json(source / "model.json")
     if spec.get("kind") == "ridge":
@@ -226,6 +231,12 @@ def finetune(
     # the fit-head run's split (a sweep keeps it one level up), so validation images stay unseen
     origin = source / "split.json" if (source / "split.json").is_file() else source.parent / "split.json"
     split = ValidationSplit.load(split_file if resume else origin)
+    plan = finetune_plan(encoder, spec, dataset, split, config)
+    plan.check(
+        available_memory() if max_memory is None else max_memory,
+        "raise accumulate (--set accumulate=4), use --grad-checkpointing, or unfreeze fewer blocks",
+    )
+    logger.info(plan.describe())
     if main:
         split.save(split_file)
     data = ImageData(dataset, split, spec["features"]["preprocessing"], config, device)
@@ -268,3 +279,50 @@ def finetune(
     if summary is not None:
         summary["trainable_parameters"] = n_trainable
     return summary
+
+
+def finetune_plan(encoder: ImageEncoder, spec: dict, dataset: Dataset, split: ValidationSplit, config) -> MemoryPlan:
+    """finetune's memory from the shapes: the encoder's weights, and gradients with AdamW's two
+    moments for the trainable ones, and the validation targets throughout; per step the images of
+    a micro-batch (in the loader's prefetch too) and the activations autograd keeps: the outputs of
+    the trunk's leaf modules from its first trainable one on (x2: the inputs of nonlinearities,
+    normalizations and attention are kept as well), none with --grad-checkpointing but a block's."""
+    n_train = n_val = 0
+    for subject in dataset.subjects.values():
+        train, val = split.rows(subject)
+        n_train, n_val = n_train + len(train), n_val + len(val)
+    prep = spec["features"]["preprocessing"]
+    trunk = encoder.trunk
+    leaves = {n for n, m in trunk.named_modules() if not list(m.children())}
+    trainable = [n for n, p in trunk.named_parameters() if p.requires_grad]
+    last = spec["layers"][-1]  # the encoder's forward stops there
+    kept, started, past = [], False, False
+    for name, shape in all_layer_shapes(trunk, prep):
+        inside = name == last or name.startswith(f"{last}.")
+        if past and not inside:
+            break
+        past = past or inside
+        started = started or any(t.startswith(f"{name}.") for t in trainable)
+        if started and name in leaves and shape:
+            kept.append(4 * int(np.prod(shape)))
+    activations = 2 * sum(kept)
+    if config.grad_checkpointing:  # a block's activations at a time, roughly
+        activations = 2 * max(kept, default=0) * 8
+    micro = -(-config.batch_size // config.accumulate)
+    image = 4 * int(np.prod(prep["input_size"]))
+    workers = default_workers(torch.device("cpu")) if config.num_workers is None else config.num_workers
+    params = [(p.numel() * p.element_size(), p.requires_grad) for p in encoder.parameters()]
+    v = dataset.group.n_vertices
+    plan = MemoryPlan(
+        "finetune",
+        {
+            "baseline": BASELINE,
+            "weights": sum(b for b, _ in params) + sum(b.numel() * b.element_size() for b in encoder.buffers()),
+            "gradients and optimizer": 3 * sum(b for b, trains in params if trains),
+            "validation targets": n_val * v * 5,
+            "embedded targets": n_train * (encoder.head.embedding()[0].shape[1] + 1) * 4,
+        },
+    )
+    plan.phases["training"] = {"images": (2 * workers + 1) * micro * image, "activations": micro * activations}
+    plan.phases["validation"] = {"images": (2 * workers + 1) * micro * image, "predictions": 2 * n_val * v * 4}
+    return plan
