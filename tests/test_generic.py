@@ -263,13 +263,6 @@ BAD = {
         lambda d: _save(d / "subjects/sub-03/train.npy", lambda a: a[:-1]),
         r"sub-03/train.npy: \d+ rows, but train.csv has \d+",
     ),
-    "NaN response": (
-        lambda d: _save(
-            d / "subjects/sub-01/test.npy",
-            lambda a: np.where(np.arange(a.size).reshape(a.shape) == 2 * a.shape[1] + 7, np.nan, a),
-        ),
-        r"sub-01/test.npy: row 2 \(test.csv line 4\), target 7: nan is not a finite response",
-    ),
     "split with no rows": (
         lambda d: _edit_csv(d / "subjects/sub-02/test.csv", lambda r: r[:1]),
         r"sub-02/test.csv: no rows",
@@ -355,6 +348,16 @@ def test_bad_generic_inputs(generic_copy, case):
     breaks(generic_copy)
     with pytest.raises(DataError, match=message):
         open_dataset(generic_copy)
+
+
+def test_responses_are_checked_on_first_read_not_when_the_dataset_opens(generic_copy):
+    path = generic_copy / "subjects/sub-01/test.npy"
+    _save(path, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 2 * a.shape[1] + 7, np.nan, a))
+    subject = open_dataset(generic_copy).subjects["sub-01"]  # opening reads headers, not 12 GB of responses
+    assert subject.responses("train").shape[0] == len(subject.keys["train"])
+    for _ in range(2):  # each read of the damaged file says so, not only the first
+        with pytest.raises(DataError, match=r"sub-01/test.npy: row 2 \(test.csv line 4\), target 7: nan is not a"):
+            subject.responses("test", np.array([0]))
 
 
 def test_bad_input_is_one_line_on_the_cli(generic_copy, tmp_path):

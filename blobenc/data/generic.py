@@ -106,7 +106,9 @@ class GenericSubject:
         if split not in self._arrays:
             if split not in self.files:
                 raise DataError(f"{self.path}: no {split} responses ({split}.npy or {split}.zarr)")
-            self._arrays[split] = _open_responses(self.files[split])
+            arr = _open_responses(self.files[split])
+            _check_finite(self.files[split], arr, self.path / f"{split}.csv")
+            self._arrays[split] = arr
         return self._arrays[split]
 
     def responses(self, split: str, rows: np.ndarray | None = None) -> np.ndarray:
@@ -136,6 +138,22 @@ def _open_responses(path: Path):
         except Exception as e:  # zarr raises several types for a folder that is not an array
             raise DataError(f"{path}: not a readable Zarr array ({type(e).__name__}: {e})") from None
     return load_array(path)
+
+
+def _check_finite(path: Path, arr, csv_path: Path) -> None:
+    """Every response finite, read a block of rows at a time: once per file, on first use, not
+    when the dataset opens (the full NSD's are 12 GB, and most commands read a few rows)."""
+    step = max(1, _BLOCK_BYTES // max(1, arr.shape[1] * arr.dtype.itemsize))
+    if not isinstance(arr, np.ndarray):  # Zarr: whole chunks
+        step = max(int(arr.chunks[0]), step - step % int(arr.chunks[0]))
+    for start in range(0, arr.shape[0], step):
+        block = np.asarray(arr[start : start + step])
+        if not np.isfinite(block).all():
+            r, t = np.argwhere(~np.isfinite(block))[0]
+            raise DataError(
+                f"{path}: row {start + r} ({csv_path.name} line {start + r + 2}), target {t}: "
+                f"{block[r, t]} is not a finite response"
+            )
 
 
 def _take_rows(arr, rows: np.ndarray) -> np.ndarray:
@@ -358,7 +376,7 @@ class GenericDataset(DatasetBase):
 
     @staticmethod
     def _check_responses(path: Path, arr, n_rows: int, csv_path: Path) -> int:
-        """Shape, dtype and finiteness of a responses array; returns its number of targets."""
+        """Shape and dtype of a responses array, from its header; returns its number of targets."""
         if arr.ndim != 2:
             raise DataError(f"{path}: expected a 2-d array (rows, targets), found shape {arr.shape}")
         if not np.issubdtype(arr.dtype, np.floating):
@@ -367,17 +385,6 @@ class GenericDataset(DatasetBase):
             raise DataError(f"{path}: {arr.shape[0]} rows, but {csv_path.name} has {n_rows}")
         if arr.shape[1] < 1:
             raise DataError(f"{path}: no targets (shape {arr.shape})")
-        step = max(1, _BLOCK_BYTES // max(1, arr.shape[1] * arr.dtype.itemsize))
-        if not isinstance(arr, np.ndarray):  # Zarr: whole chunks
-            step = max(int(arr.chunks[0]), step - step % int(arr.chunks[0]))
-        for start in range(0, arr.shape[0], step):
-            block = np.asarray(arr[start : start + step])
-            if not np.isfinite(block).all():
-                r, t = np.argwhere(~np.isfinite(block))[0]
-                raise DataError(
-                    f"{path}: row {start + r} ({csv_path.name} line {start + r + 2}), target {t}: "
-                    f"{block[r, t]} is not a finite response"
-                )
         return int(arr.shape[1])
 
     @staticmethod

@@ -285,8 +285,8 @@ def finetune_plan(encoder: ImageEncoder, spec: dict, dataset: Dataset, split: Va
     """finetune's memory from the shapes: the encoder's weights, and gradients with AdamW's two
     moments for the trainable ones, and the validation targets throughout; per step the images of
     a micro-batch (in the loader's prefetch too) and the activations autograd keeps: the outputs of
-    the trunk's leaf modules from its first trainable one on (x2: the inputs of nonlinearities,
-    normalizations and attention are kept as well), none with --grad-checkpointing but a block's."""
+    the trunk's leaf modules from its first trainable one on (each is the next one's saved input;
+    measured within 25%, docs/benchmarks.md), with --grad-checkpointing roughly a block's."""
     n_train = n_val = 0
     for subject in dataset.subjects.values():
         train, val = split.rows(subject)
@@ -305,9 +305,9 @@ def finetune_plan(encoder: ImageEncoder, spec: dict, dataset: Dataset, split: Va
         started = started or any(t.startswith(f"{name}.") for t in trainable)
         if started and name in leaves and shape:
             kept.append(4 * int(np.prod(shape)))
-    activations = 2 * sum(kept)
+    activations = sum(kept)
     if config.grad_checkpointing:  # a block's activations at a time, roughly
-        activations = 2 * max(kept, default=0) * 8
+        activations = max(kept, default=0) * 16
     micro = -(-config.batch_size // config.accumulate)
     image = 4 * int(np.prod(prep["input_size"]))
     workers = default_workers(torch.device("cpu")) if config.num_workers is None else config.num_workers
