@@ -3,12 +3,14 @@ command on its defaults as its own process, measured as the kernel sees it.
 
     python benchmarks/scale.py --workdir /tmp/scale --train-images 9841 --test-images 159
                                [--model test_vit --layers 'blocks.[0-5]'] [--skip fit-ridge ...]
+                               [--head-set epochs=3 ...]
                                [--checkout COPY] [--baseline CHECKOUT [--baseline-env K=V ...]]
 
 `blobenc synth` (8 subjects, `--vertices full --image-size 64`: the real vertex counts) writes the
 dataset once per size, itself measured; then extract (a random-init timm trunk, default the tiny
-`test_vit`, all six blocks cached), fit-ridge, fit-head (full schedule), predict (the head's run,
-test split, scored), evaluate (those predictions) and report (both runs, one HTML page). For each:
+`test_vit`, all six blocks cached), fit-ridge, fit-head (full schedule unless `--head-set
+epochs=N`), predict (the head's run, test split, scored), evaluate (those predictions) and
+report (both runs, one HTML page). For each:
 wall, user and system CPU seconds, sys÷user, peak anonymous memory (what the kernel cannot
 reclaim: memory-mapped inputs and the page cache left out; issue #21's budget), peak RSS, page
 faults and bytes written; and, from the `--profile` each command writes, the seconds of its
@@ -62,10 +64,11 @@ def pipeline(name: str, data: Path, work: Path, checkout: Path | None, extra_env
     page = work / "report.html"
     trunk = ["--model", args.model, "--no-pretrained", *[x for layer in args.layers for x in ("--layers", layer)]]
     d = ["--data", str(data), "--quiet"]
+    head_set = [x for kv in args.head_set for x in ("--set", kv)]
     commands = {  # step: (command, what it writes, where its profile.json goes)
         "extract": ([*cli, "extract", str(data), "--out", str(cache), *trunk, "--quiet"], cache, cache),
         "fit-ridge": ([*cli, "fit-ridge", str(cache), *d, "--out", str(ridge)], ridge, ridge),
-        "fit-head": ([*cli, "fit-head", str(cache), *d, "--out", str(head)], head, head),
+        "fit-head": ([*cli, "fit-head", str(cache), *d, "--out", str(head), *head_set], head, head),
         "predict": ([*cli, "predict", str(head), *d, "--out", str(pred), "--json", str(work / "predict.json")],
                     pred, pred),
         "evaluate": ([*cli, "evaluate", str(pred), *d, "--json", str(work / "evaluate.json")], None, None),
@@ -123,6 +126,7 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run the same commands with")
     p.add_argument("--baseline-env", nargs="*", default=[], help="KEY=VALUE for the baseline's commands only")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
+    p.add_argument("--head-set", nargs="*", default=[], help="KEY=VALUE for fit-head (e.g. epochs=3)")
     args = p.parse_args(argv)
     root = args.workdir / f"n{args.train_images}"
     data = root / "data"

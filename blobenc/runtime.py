@@ -88,7 +88,9 @@ def configure_cpu(threads: int | None = None) -> dict:
       step; by default each one is a fresh mmap whose pages fault in, zeroed, on first touch and
       are unmapped on free: measured at a third of the process's CPU time as system time. Left
       alone when the user set MALLOC_* / GLIBC_TUNABLES, preloads another allocator, or sets
-      BLOBENC_MALLOC=default.
+      BLOBENC_MALLOC=default. The heap then keeps every phase's high-water mark: a command calls
+      `release_memory()` where a phase's large temporaries are gone (fit-head at the full NSD
+      size reached 23 GB after its group PCA where 8 GB were live, #21).
     Returns what was set (also kept for `runtime_info`)."""
     n = threads if threads is not None else default_threads()
     if n < 1:
@@ -117,6 +119,17 @@ def _keep_freed_memory() -> str:
     # M_MMAP_MAX 0: large blocks come from the heap; M_TRIM_THRESHOLD -1: the heap is never trimmed
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
     return "keep freed memory (mmap_max=0, trim_threshold=-1)" if ok else "default (mallopt refused)"
+
+
+def release_memory() -> None:
+    """Give the heap's free pages back to the kernel (glibc `malloc_trim`, every arena, holes
+    included): where a phase's large temporaries were freed and what follows is smaller or of
+    other sizes. A no-op unless `configure_cpu` set the heap to keep freed memory."""
+    if not _state.get("malloc", "").startswith("keep freed memory"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    libc.malloc_trim(0)
 
 
 def runtime_info() -> dict:

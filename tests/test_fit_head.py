@@ -682,7 +682,10 @@ def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data
     cache = FeatureCache.open(small_cache)
     split = ds.validation_split(0.2, 0)
     mem = HeadData(cache, ds, split, None, torch.device("cpu"))
-    stream = HeadData(cache, ds, split, None, torch.device("cpu"), max_memory=1 << 20, batch_size=8)
+    stream = HeadData(cache, ds, split, None, torch.device("cpu"))
+    assert mem.features is None and stream.stream is None  # nothing read before read_features
+    mem.read_features()
+    stream.read_features(max_memory=1 << 20, batch_size=8)
     assert mem.features is not None and stream.stream is not None
     # every training sample exactly once per epoch, with the same features as the in-memory path
     seen = []

@@ -1,6 +1,9 @@
 """CPU sizing (blobenc.runtime), the profiler (blobenc.profile) and the torch group PCA."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,6 +72,39 @@ def test_allocator_left_alone_when_the_user_chose(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # not one blobenc sets: still tuned
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
     assert runtime._keep_freed_memory().startswith("user settings")
+
+
+def test_release_memory_gives_a_phase_s_freed_blocks_back_to_the_kernel():
+    """configure_cpu keeps freed memory in the heap (fast training steps); release_memory must
+    still give a phase's big temporaries back: at the full NSD size, fit-head held 23 GB after its
+    group PCA where 8 GB were live (#21)."""
+    script = """
+import numpy as np
+from blobenc.runtime import configure_cpu, release_memory
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+print(configure_cpu()["malloc"])
+before = anon()
+blocks = [np.ones(8 << 20) for _ in range(8)]  # 8 x 64 MB, touched
+small = np.ones(1 << 10)  # allocated after them: the freed blocks are not the heap's top
+held = anon() - before
+del blocks
+kept = anon() - before
+release_memory()
+print(held, kept, anon() - before)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "BLOBENC_MALLOC"))}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    policy, sizes = out.stdout.splitlines()
+    if not policy.startswith("keep freed memory"):
+        pytest.skip(f"allocator not tuned here: {policy}")
+    held, kept, released = map(int, sizes.split())
+    assert held > 500e6 and kept > 500e6  # freed but kept for reuse
+    assert released < 50e6, (held, kept, released)
 
 
 def test_extract_workers_default_to_the_cores(cores, monkeypatch, tmp_path):

@@ -270,8 +270,10 @@ class ChunkStream:
 
 
 class HeadData(SplitTargets):
-    """Everything fit-head trains and validates on: features in memory when they fit
-    `max_memory` (bytes; None = always), else streamed by chunks from the cache."""
+    """Everything fit-head trains and validates on: the targets from the start, the features once
+    `read_features` is called (fit-head calls it after the group PCA, whose targets would otherwise
+    share the memory with them): in memory when they fit `max_memory` (bytes; None = always), else
+    streamed by chunks from the cache."""
 
     def __init__(
         self,
@@ -281,13 +283,12 @@ class HeadData(SplitTargets):
         layers: list[str] | None,
         device: torch.device,
         progress: bool = False,
-        max_memory: int | None = None,
-        batch_size: int = 512,
     ):
         super().__init__(dataset, split, device)
         missing = [n for n in (layers or []) if n not in cache.layers]
         if missing:
             raise ConfigError(f"layer {missing[0]!r} is not in the cache; it has {', '.join(cache.layers)}")
+        self.cache, self.progress = cache, progress
         self.layers = list(layers or cache.layers)
         try:
             rows = {part: cache.rows(s.key.tolist()) for part, s in self.sets.items()}
@@ -297,10 +298,16 @@ class HeadData(SplitTargets):
         self.cache_rows = needed  # cache row of each feature row
         for part, s in self.sets.items():
             s.feature_row = np.searchsorted(needed, rows[part])
-        row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in self.layers)
         self.features, self.stream = None, None
+        self.layer_shapes = [list(cache.attrs["layer_shapes"][n]) for n in self.layers]
+
+    def read_features(self, max_memory: int | None = None, batch_size: int = 512) -> None:
+        """Features of every sample into memory when they fit `max_memory`, else a chunk stream
+        whose shuffle buffer holds at least 2 batches of `batch_size`."""
+        cache, needed = self.cache, self.cache_rows
+        row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in self.layers)
         if max_memory is None or len(needed) * row_bytes <= max_memory:
-            self.features = CachedFeatures(cache, self.layers, needed, device, progress)
+            self.features = CachedFeatures(cache, self.layers, needed, self.device, self.progress)
             logger.info("features of %d images in memory: %.1f MB", len(needed), self.features.nbytes / 1e6)
         else:
             self.stream = ChunkStream(cache, self.layers, max_memory, batch_size)
@@ -310,7 +317,6 @@ class HeadData(SplitTargets):
                 len(needed) * row_bytes / 1e6,
                 self.stream.buffer_size,
             )
-        self.layer_shapes = [list(cache.attrs["layer_shapes"][n]) for n in self.layers]
 
     def features_of(self, part: str, idx: np.ndarray, view_rng: np.random.Generator | None = None):
         """Features per layer of samples `idx` of `part` (in memory); a random view each with `view_rng`."""

@@ -26,7 +26,7 @@ from blobenc.pca import GroupPCA
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import timed, timed_iter
 from blobenc.progress import make_progress
-from blobenc.runtime import resolve_device, resolve_precision
+from blobenc.runtime import release_memory, resolve_device, resolve_precision
 from blobenc.scoring import pearson_r, r2_score
 from blobenc.train.checkpoint import (
     PCA_FILE,
@@ -40,7 +40,7 @@ from blobenc.train.checkpoint import (
     trained_state,
     write_json,
 )
-from blobenc.train.config import REFERENCE_BATCH, HeadConfig, resolve_schedule
+from blobenc.train.config import HeadConfig, resolve_schedule
 from blobenc.train.data import HeadData
 from blobenc.train.init import closed_form_start
 from blobenc.train.loop import (
@@ -247,29 +247,23 @@ def fit_head(
     layers = [n for n in cache.layers if n in wanted]
     budget = available_memory() if max_memory is None else max_memory
     plan = head_plan(cache, dataset, split, layers, configs, pca_path is not None or resume)
-    if feature_memory is None:  # features stream when the rest of the plan leaves too little for them
-        feature_memory = budget - plan.without("features")
-        if plan.resident["features"] > feature_memory:
-            plan.resident["features"] = max(feature_memory, 0)  # the stream fills what is left
+    training = plan.phases["training"]
+    if feature_memory is None:  # features stream when the rest of training leaves too little for them
+        feature_memory = budget - sum(plan.resident.values()) - sum(training.values()) + training["features"]
+        training["features"] = min(training["features"], max(feature_memory, 0))  # the stream fills what is left
     plan.check(budget, "lower --set pca_samples or --pca-components, or use a machine with more memory")
     logger.info(plan.describe())
     if main:
         split.save(split_file)
-    data = HeadData(
-        cache,
-        dataset,
-        split,
-        layers,
-        device,
-        progress,
-        max_memory=max(feature_memory, 0),
-        batch_size=base.batch_size or REFERENCE_BATCH,  # the stream's shuffle buffer holds 2 batches at least
-    )
+    data = HeadData(cache, dataset, split, layers, device, progress)
     given = configs
     configs = [resolve_schedule(c, len(data.sets["train"])) for c in configs]  # epochs, batch from the data size
     base = configs[0]
 
     pca = _group_pca(out / PCA_FILE, pca_path, resume, base, data, main)
+    release_memory()  # the PCA's targets and solver (~11 GB at the full NSD) are not kept in the heap
+    # after the PCA: its sample of group-space targets and the features never share the memory
+    data.read_features(max(feature_memory, 0), base.batch_size)
     n_components = len(pca.components_)
     if main:
         write_json(
@@ -300,6 +294,7 @@ def fit_head(
     if not resume:  # closed-form starts (config `init`): one pass over the data for every trial
         models = [(model, idx, cfg.init) for _, cfg, _, model, idx in built]
         starts = closed_form_start(models, data, base.batch_size, *built[0][3].embedding())
+        release_memory()
     trials: list = []
     for (tdir, cfg, spec, model, idx), start in zip(built, starts, strict=True):
         trial = add_trial(
@@ -627,10 +622,10 @@ def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
 def head_plan(
     cache: FeatureCache, dataset, split: ValidationSplit, layers: list[str], configs: list, pca_given: bool
 ) -> MemoryPlan:
-    """fit-head's memory, from the shapes alone: features in memory (float16) and validation
-    targets throughout; then the group PCA (its sample of group-space targets, their mask, the
-    solver's work: GroupPCA.fit_memory) or training (each trial's V x P embedding, the embedded
-    targets, validation predictions), whichever is larger."""
+    """fit-head's memory, from the shapes alone: validation targets throughout; then the group PCA
+    (its sample of group-space targets, their mask, the solver's work: GroupPCA.fit_memory) or
+    training (features in memory (float16), each trial's V x P embedding, the embedded targets,
+    validation predictions), whichever is larger: the features are read after the PCA."""
     n_train = n_val = 0
     keys: set = set()
     for subject in dataset.subjects.values():
@@ -641,11 +636,9 @@ def head_plan(
     row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in layers)
     resolved = [resolve_schedule(c, n_train) for c in configs]
     p = max(c.proj_dim for c in resolved)
-    plan = MemoryPlan(
-        "fit-head",
-        {"baseline": BASELINE, "features": len(keys) * row_bytes, "validation targets": n_val * v * 5},
-    )
+    plan = MemoryPlan("fit-head", {"baseline": BASELINE, "validation targets": n_val * v * 5})
     plan.phases["training"] = {
+        "features": len(keys) * row_bytes,
         "embeddings": (len(configs) + 1) * v * p * 4,
         "embedded targets": n_train * p * 4 + n_subjects * p * p * 4,
         "validation predictions": 3 * n_val * v * 4,

@@ -58,8 +58,9 @@ def closed_form_start(models: list[tuple], data, batch_size: int, weight: torch.
         for m, idx, how in todo:
             if how == "pca-ridge":
                 _set_channel_maps(m, [directions[i] for i in idx])
-    train = _hidden(todo, ((f, s, r) for f, s, r, _ in data.train_batches(batch_size, 0, 0, 1)), set_norm=True)
-    val = _hidden(todo, ((f, s, torch.as_tensor(i)) for i, f, s in data.val_batches(batch_size)), set_norm=False)
+    n_train, n_val = len(data.sets["train"]), len(data.sets["val"])
+    train = _hidden(todo, ((f, s, r) for f, s, r, _ in data.train_batches(batch_size, 0, 0, 1)), n_train, True)
+    val = _hidden(todo, ((f, s, torch.as_tensor(i)) for i, f, s in data.val_batches(batch_size)), n_val, False)
     order = val["extra"].long()  # streamed validation batches come in cache order: back to sample order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order), device=order.device)
@@ -85,11 +86,14 @@ def _fingerprint(model) -> tuple:
 def _pooled_pca(data, batch_size: int) -> list[torch.Tensor]:
     """Per layer (C_i, n) channel directions: the leading principal components of the z-scored,
     position-averaged features of all layers together, split by layer, in raw feature units."""
-    pooled, sizes = [], []
+    x, sizes, pos = None, [], 0
     for feats, *_ in data.train_batches(batch_size, 0, 0, 1):
-        pooled.append(torch.cat([tokens(f).mean(1) for f in feats], 1).double())
-        sizes = [tokens(f).shape[-1] for f in feats]
-    x = torch.cat(pooled)
+        pooled = torch.cat([tokens(f).mean(1) for f in feats], 1).double()
+        if x is None:  # allocated once (see _hidden)
+            x, sizes = pooled.new_empty(len(data.sets["train"]), pooled.shape[1]), [tokens(f).shape[-1] for f in feats]
+        x[pos : pos + len(pooled)] = pooled
+        pos += len(pooled)
+    x = x[:pos]
     std = x.std(0).clamp_min(1e-6)
     _, _, vt = torch.linalg.svd((x - x.mean(0)) / std, full_matrices=False)  # rows: directions, by variance
     return list(torch.split((vt / std).T, sizes, dim=0))
@@ -105,36 +109,53 @@ def _set_channel_maps(model, directions: list[torch.Tensor]) -> None:
         w2[:n] = (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(w2)
 
 
-def _hidden(todo, batches, set_norm: bool) -> dict:
-    """Each model's hidden features (N, K) in eval mode, float64, of the samples `batches` yields as
-    (features, subject, extra); with `set_norm` batch norm first takes these samples' statistics.
-    Holds N x K x layers float32 per model."""
-    out: dict = {"subject": [], "extra": []}
-    projected: dict = {k: [] for k in range(len(todo))}
+def _hidden(todo, batches, n: int, set_norm: bool) -> dict:
+    """Each model's hidden features (N, K) in eval mode, float64, of the `n` samples `batches`
+    yields as (features, subject, extra); with `set_norm` batch norm first takes these samples'
+    statistics. Holds N x K x layers float32 per model, allocated before the first batch: growing
+    lists between each batch's large temporaries fragmented the heap by gigabytes at the full NSD."""
+    out: dict = {"subject": None, "extra": None}
+    projected = {k: [None] * len(m.feat_projs) for k, (m, _, _) in enumerate(todo)}
+    pos = 0
     for feats, subject, extra in batches:
-        out["subject"].append(subject)
-        out["extra"].append(extra.to(subject.device))
+        if out["subject"] is None:
+            out["subject"] = subject.new_empty(n)
+            out["extra"] = extra.new_empty(n, *extra.shape[1:]).to(subject.device)
+        rows = slice(pos, pos + len(subject))
+        out["subject"][rows], out["extra"][rows] = subject, extra
         for k, (m, idx, _) in enumerate(todo):
-            projected[k].append([fp.proj(tokens(feats[i])) for fp, i in zip(m.feat_projs, idx, strict=True)])
+            for j, (fp, i) in enumerate(zip(m.feat_projs, idx, strict=True)):
+                p = fp.proj(tokens(feats[i]))
+                if projected[k][j] is None:
+                    projected[k][j] = p.new_empty(n, p.shape[1])
+                projected[k][j][rows] = p
+        pos += len(subject)
+    if pos != n:
+        raise RuntimeError(f"closed-form start: {pos} samples came, {n} expected")
     for k, (m, _, _) in enumerate(todo):
-        h = []
-        for fp, p in zip(m.feat_projs, [torch.cat(p) for p in zip(*projected[k], strict=True)], strict=True):
+        h = torch.zeros(n, projected[k][0].shape[1], dtype=torch.float64, device=projected[k][0].device)
+        for fp, p in zip(m.feat_projs, projected[k], strict=True):
             if set_norm:
                 fp.norm.running_mean.copy_(p.mean(0))
                 fp.norm.running_var.copy_(p.var(0))
-            h.append(fp.norm(p).double())
+            h += fp.norm(p).double()
         projected[k] = None
-        out[k] = torch.stack(h).mean(0)
-    out["subject"], out["extra"] = torch.cat(out["subject"]), torch.cat(out["extra"])
+        out[k] = h / len(m.feat_projs)
     return out
 
 
-def _latent_targets(data, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(N_val, P) r = Wᵀ M (y - c) of the validation samples, in sample order."""
-    w = weight.detach().double()
-    target = torch.as_tensor(data.val_target, device=w.device).double()
-    observed = torch.as_tensor(data.observed("val"), device=w.device)
-    return ((target - bias.detach().double()) * observed) @ w
+def _latent_targets(data, weight: torch.Tensor, bias: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """(N_val, P) r = Wᵀ M (y - c) of the validation samples, in sample order; by blocks of rows
+    (float64 copies of all of them were 3 x 2.5 GB at the full NSD's 7,840 x 39,548)."""
+    w, c = weight.detach().double(), bias.detach().double()
+    n = len(data.val_target)
+    out = torch.empty(n, w.shape[1], dtype=torch.float64, device=w.device)
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        y = torch.as_tensor(data.val_target[rows], device=w.device).double()
+        observed = torch.as_tensor(data.observed("val", rows), device=w.device)
+        out[start : start + len(rows)] = ((y - c) * observed) @ w
+    return out
 
 
 def _ridge_path(h: torch.Tensor, y: torch.Tensor):
