@@ -149,6 +149,18 @@ def errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+class _FolderOnFirstRecord(logging.FileHandler):
+    """A log file whose folder and file appear with the first record: a run refused before any
+    work (a bad option, a plan beyond --max-memory) leaves no folder behind."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def setup_logging(quiet: bool, log_file: Path | None = None) -> None:
     """Rich log handler on stderr (the CLI's alone) and optionally a plain log file."""
     root = logging.getLogger("blobenc")
@@ -159,8 +171,7 @@ def setup_logging(quiet: bool, log_file: Path | None = None) -> None:
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     root.addHandler(handler)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = _FolderOnFirstRecord(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
 

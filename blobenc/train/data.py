@@ -7,6 +7,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,13 @@ class SplitTargets:
                 f"the validation split left {n_train} training and {n_val} validation samples; at least 2 of "
                 "each are needed (batch norm, R²): change val_fraction or use more images"
             )
-        self.val_target = self.group_targets("val")
         self.targets: EmbeddedTargets | None = None
+
+    @cached_property
+    def val_target(self) -> np.ndarray:
+        """(N_val, V) float32 validation responses in group space, read on first use: after a
+        command's plan is checked, and after fit-head's group PCA (1.2 GB at the full NSD)."""
+        return self.group_targets("val")
 
     def _sample_set(self, blocks: list[tuple[int, np.ndarray]]) -> SampleSet:
         subjects = [self.dataset.subjects[self.subjects[i]] for i, _ in blocks]

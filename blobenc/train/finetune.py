@@ -224,7 +224,6 @@ def finetune(
     load_state(encoder.head, load_weights(source / "best.safetensors"), pca_path(source, spec))
     unfreeze = resolve_unfreeze(encoder.trunk, spec["layers"], config.unfreeze)
     n_trainable = set_trainable(encoder, unfreeze, config.freeze)
-    logger.info("trainable parameters: %d of %d", n_trainable, sum(p.numel() for p in encoder.parameters()))
     if config.grad_checkpointing:
         encoder.trunk.set_grad_checkpointing(True)
     split_file = out / "split.json"
@@ -237,7 +236,9 @@ def finetune(
         "raise accumulate (--set accumulate=4), use --grad-checkpointing, or unfreeze fewer blocks",
     )
     logger.info(plan.describe())
+    logger.info("trainable parameters: %d of %d", n_trainable, sum(p.numel() for p in encoder.parameters()))
     if main:
+        out.mkdir(parents=True, exist_ok=True)
         split.save(split_file)
     data = ImageData(dataset, split, spec["features"]["preprocessing"], config, device)
     data.embed(*encoder.head.embedding())

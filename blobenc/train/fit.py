@@ -169,9 +169,7 @@ def start_run(out: Path, configs: list, resume: bool, base) -> tuple:
             )
     elif main and out.exists() and any(p.name != "log.txt" for p in out.iterdir()):  # the CLI's log may be there
         raise ConfigError(f"{out}: exists and is not empty; use --resume to continue it or a new --out")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
+    barrier()  # the folder is made once the plan is checked: a refused run leaves nothing
     return device, amp, distributed, main
 
 
@@ -254,6 +252,7 @@ def fit_head(
     plan.check(budget, "lower --set pca_samples or --pca-components, or use a machine with more memory")
     logger.info(plan.describe())
     if main:
+        out.mkdir(parents=True, exist_ok=True)
         split.save(split_file)
     data = HeadData(cache, dataset, split, layers, device, progress)
     given = configs
@@ -622,10 +621,10 @@ def _checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
 def head_plan(
     cache: FeatureCache, dataset, split: ValidationSplit, layers: list[str], configs: list, pca_given: bool
 ) -> MemoryPlan:
-    """fit-head's memory, from the shapes alone: validation targets throughout; then the group PCA
-    (its sample of group-space targets, their mask, the solver's work: GroupPCA.fit_memory) or
-    training (features in memory (float16), each trial's V x P embedding, the embedded targets,
-    validation predictions), whichever is larger: the features are read after the PCA."""
+    """fit-head's memory, from the shapes alone: the group PCA (its sample of group-space targets,
+    their mask, the solver's work: GroupPCA.fit_memory) or training (features in memory (float16),
+    validation targets, each trial's V x P embedding, the embedded targets, validation
+    predictions), whichever is larger: features and validation targets are read after the PCA."""
     n_train = n_val = 0
     keys: set = set()
     for subject in dataset.subjects.values():
@@ -636,9 +635,10 @@ def head_plan(
     row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in layers)
     resolved = [resolve_schedule(c, n_train) for c in configs]
     p = max(c.proj_dim for c in resolved)
-    plan = MemoryPlan("fit-head", {"baseline": BASELINE, "validation targets": n_val * v * 5})
+    plan = MemoryPlan("fit-head", {"baseline": BASELINE})
     plan.phases["training"] = {
         "features": len(keys) * row_bytes,
+        "validation targets": n_val * v * 5,
         "embeddings": (len(configs) + 1) * v * p * 4,
         "embedded targets": n_train * p * 4 + n_subjects * p * p * 4,
         "validation predictions": 3 * n_val * v * 4,
