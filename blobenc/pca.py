@@ -121,7 +121,8 @@ def _torch_pca(Y: np.ndarray, k: int, device: torch.device, seed: int, route: st
     for cb in _column_blocks(v, n):  # mean and total variance, float64 accumulation
         x = host[:, cb].to(device, torch.float64)
         m = x.mean(0)
-        total += float(((x - m) ** 2).sum())
+        x -= m  # in place, and a norm rather than squares: no more block-sized temporaries
+        total += float(torch.linalg.vector_norm(x)) ** 2
         mean64[cb] = m.cpu()
     mean = mean64.float()
     mean_d = mean.to(device)
@@ -194,17 +195,17 @@ class GroupPCA:
         """Bytes a torch fit of (n, v) data holds besides Y and its mask, at its peak: the Gram
         matrix (float64), its float32 copy, eigenvectors and LAPACK's workspace (~24 m² for the
         m x m Gram), or the randomized finder's n x w and v x w blocks; the column blocks it reads;
-        then the components."""
+        then the components. Measured within 25% by benchmarks/plan.py (docs/benchmarks.md)."""
         k = min(self.n_components, n, v)
         route = _route(n, v, k) if self.backend in ("auto", "torch") else self.backend
+        block = min(256 << 20, 4 * n * v)  # the column blocks read, copied to float64 and centred
         if route == "gram":
             m = min(n, v)
-            work = 24 * m * m
+            work = 24 * m * m + 4 * block  # the block, its float64 copy, its squares, its float32 copy
         else:
             width = min(k + OVERSAMPLES, n, v)
-            work = 16 * (n + v) * width
-        # column blocks of ~256 MB are read, copied to float64 and centred: ~4 blocks at once
-        return work + 2 * 4 * k * v + 4 * min(256 << 20, 4 * n * v)
+            work = 16 * (n + v) * width + 3 * block  # the block and its float64 copy, centred in place
+        return work + 2 * 4 * k * v
 
     def fit(self, Y: np.ndarray, mask: np.ndarray | None = None, *, copy: bool = True) -> GroupPCA:
         """Y: (n_samples, n_vertices); mask: same shape, True where observed (None: all observed).
@@ -255,8 +256,10 @@ class GroupPCA:
 
     @staticmethod
     def _impute(Y: np.ndarray, mask: np.ndarray, rows: np.ndarray, fill) -> None:
-        """Y[r, ~mask[r]] = fill(Y[r])[~mask[r]] for the rows r with missing entries, block by block."""
-        for b in _row_blocks(len(rows)):
+        """Y[r, ~mask[r]] = fill(Y[r])[~mask[r]] for the rows r with missing entries, by blocks of
+        256 rows: a block's copies (its rows, mask, reconstruction) are ~6 x 40 MB at the NSD's
+        39.5k vertices, where blocks of 2048 rows took 1.6 GB."""
+        for b in _row_blocks(len(rows), 256):
             r = rows[b]
             y, m = Y[r], mask[r]
             Y[r] = np.where(m, y, fill(y))

@@ -289,6 +289,7 @@ def fit_head(
         model.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
         built.append((tdir, cfg, spec, model.to(device), [data.layers.index(n) for n in spec["layers"]]))
     data.embed(*built[0][3].embedding())  # every trial shares the PCA
+    release_memory()  # the responses' blocks it read, of a different size per subject
     starts = [None] * len(built)
     if not resume:  # closed-form starts (config `init`): one pass over the data for every trial
         models = [(model, idx, cfg.init) for _, cfg, _, model, idx in built]
