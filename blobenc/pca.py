@@ -69,13 +69,13 @@ class _SampleGram:
 
     def _add(self, cols) -> None:
         x = self._centred(cols)
-        self.G += (x @ x.T).double()
+        self.G += x @ x.T  # float32 product added into float64 in place: no float64 copy of it
 
     def replace_columns(self, cols: np.ndarray, old: np.ndarray) -> None:
         """Columns `cols` of Y were `old` (n, len(cols)) and now hold new values: update G."""
         x = torch.from_numpy(old).to(self.device, torch.float64)
         x = (x - x.mean(0)).float()
-        self.G -= (x @ x.T).double()
+        self.G -= x @ x.T
         self._add(torch.from_numpy(cols))
 
     @property
@@ -191,17 +191,21 @@ class GroupPCA:
         self.device = torch.device(device)
         self.group: GroupSpace | None = None
 
-    def fit_memory(self, n: int, v: int) -> int:
+    def fit_memory(self, n: int, v: int, incomplete_columns: int = 0) -> int:
         """Bytes a torch fit of (n, v) data holds besides Y and its mask, at its peak: the Gram
         matrix (float64), its float32 copy, eigenvectors and LAPACK's workspace (~24 m² for the
         m x m Gram), or the randomized finder's n x w and v x w blocks; the column blocks it reads;
-        then the components. Measured within 25% by benchmarks/plan.py (docs/benchmarks.md)."""
+        then the components. With missing entries the Gram route's EM steps hold ~5 (n, c) float32
+        arrays of the `incomplete_columns` c some sample lacks (their old values, the
+        reconstruction, its temporaries). Measured by benchmarks/plan.py (docs/benchmarks.md)."""
         k = min(self.n_components, n, v)
         route = _route(n, v, k) if self.backend in ("auto", "torch") else self.backend
         block = min(256 << 20, 4 * n * v)  # the column blocks read, copied to float64 and centred
         if route == "gram":
             m = min(n, v)
             work = 24 * m * m + 4 * block  # the block, its float64 copy, its squares, its float32 copy
+            if n <= v:
+                work += 5 * 4 * n * incomplete_columns
         else:
             width = min(k + OVERSAMPLES, n, v)
             work = 16 * (n + v) * width + 3 * block  # the block and its float64 copy, centred in place

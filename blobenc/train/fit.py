@@ -646,7 +646,9 @@ def head_plan(
     }
     if not pca_given:
         m = min(n_train, resolved[0].pca_samples)
-        plan.phases["group PCA"] = {"targets": m * v * 5, "solver": GroupPCA(p).fit_memory(m, v)}
+        shared = set.intersection(*(set(dataset.group_index(s).tolist()) for s in dataset.subjects))
+        solver = GroupPCA(p).fit_memory(m, v, incomplete_columns=v - len(shared))
+        plan.phases["group PCA"] = {"targets": m * v * 5, "solver": solver}
     return plan
 
 
