@@ -14,6 +14,7 @@ cache of five stages; then, each as its own process, with validation and devkit 
   * fit-head with defaults;
   * predict RIDGE HEAD with --select stack (default), vertex and subject;
   * finetune (--finetune; phase 2, one epoch) from the head;
+  * --int8: fit-head with the features held in memory as int8 (a scale per image and channel);
   * --pca-subsample: what fitting the group PCA on a draw of the training samples costs, at the
     full NSD's ratios (16000 of ~75k samples, 2048 components): fit-head with P = n/37.5 components
     fitted on all n samples and on a 21% draw (P / draw = 2048 / 16000).
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--trunks", nargs="+", default=["pretrained", "random"], choices=["pretrained", "random"])
     ap.add_argument("--finetune", action="store_true")
     ap.add_argument("--pca-subsample", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="fit-head with the features held as int8 in memory")
     ap.add_argument("--before", type=Path, help="an older blobenc checkout: its fit-ridge, for before/after")
     ap.add_argument("--sklearn", nargs=3, metavar=("CACHE", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -145,10 +147,12 @@ def main() -> None:
                     ["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(head), "-q"]
                 )
             sk = d / "pred-sklearn"
-            if not sk.exists():
+            if not sk.exists():  # written beside, renamed when complete: a killed run is not taken for one
+                part = d / "pred-sklearn.partial"
                 rows["sklearn"] = run(
-                    [sys.executable, __file__, "--workdir", str(work), "--sklearn", str(cache), str(data), str(sk)]
+                    [sys.executable, __file__, "--workdir", str(work), "--sklearn", str(cache), str(data), str(part)]
                 )
+                part.rename(sk)
             results = [
                 (
                     "fit-ridge (defaults)",
@@ -200,6 +204,13 @@ def main() -> None:
                 results.append(
                     ("finetune (phase 2, 1 epoch, defaults)", val_of(ft), predicted([ft], data, d / "pred-phase2"), t)
                 )
+            if args.int8:
+                out, t = d / "head-int8", None
+                if not out.exists():
+                    t = run(["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(out), "-q",
+                             "--set", "feature_dtype=int8"])  # fmt: skip
+                label = "fit-head, features held as int8 (defaults otherwise)"
+                results.append((label, val_of(out), predicted([out], data, d / "pred-int8"), t))
             if args.pca_subsample:
                 n_train = sum(r["n_train"] for r in json.loads((ridge / "summary.json").read_text())["subjects"])
                 p, draw = round(n_train * 2048 / 75000), round(n_train * 16000 / 75000)

@@ -32,3 +32,26 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def my_share(items: list) -> list:
+    """This rank's items of a list shared round-robin over the ranks (all of them alone)."""
+    return items[rank() :: world_size()]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-item list alone)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

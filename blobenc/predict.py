@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from blobenc.data.base import open_dataset, verify_images
+from blobenc.distributed import barrier, broadcast_object, gather_objects, init_from_env, is_main, my_share
 from blobenc.errors import CacheError, ConfigError, ModelError
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.predictions import score_subject
@@ -128,6 +129,9 @@ def predict(
 
     Subjects are predicted `block_images` images at a time; the plan (predict_plan) is logged and
     refused beyond `max_memory` (bytes; None: the memory available) or the disk's free space.
+
+    Under torchrun the subjects are shared over the ranks, each rank writes its own, and rank 0
+    moves them into place once all are written and returns the scores; other ranks return None.
     """
     if split not in ("train", "test"):
         raise ConfigError(f"--split {split!r}: expected train or test")
@@ -156,6 +160,8 @@ def predict(
         if images is None and not dataset.subjects[name].keys.get(split):
             raise ConfigError(f"--subject {name}: no {split} rows in {data_root}")
     dev = resolve_device(device)
+    init_from_env(dev)
+    names = my_share(names)
     amp = resolve_precision(precision, dev)
     model.to(dev)
     finetuned = bool(spec.get("finetuned"))  # the model takes images: cached features do not apply
@@ -229,9 +235,10 @@ def predict(
             if split == "test" and subject.has_responses(split):
                 with phase("score"):
                     scores[name] = score_subject(subject, native, split)
-        if images is not None:
+        if images is not None and is_main():
             (staging.path / "images.txt").write_text("\n".join(image_keys) + "\n")
-    return scores
+    scores = {k: v for part in gather_objects(scores) for k, v in part.items()}
+    return scores if is_main() else None
 
 
 def predict_plan(model, spec: dict, dataset, sizes: dict[str, int], n_wanted: int, block: int, finetuned: bool):
@@ -268,16 +275,22 @@ class PredictionStaging:
         import uuid
 
         self.out = out
-        self.path = out / f".predict-{uuid.uuid4().hex[:8]}"
-        self.created = not out.exists()
+        # under torchrun every rank writes into rank 0's folder, and OUT's state is rank 0's, from
+        # before any rank made anything
+        self.created, tag = broadcast_object((not out.exists(), uuid.uuid4().hex[:8]))
+        self.path = out / f".predict-{tag}"
 
     def __enter__(self) -> PredictionStaging:
-        self.path.mkdir(parents=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         import shutil
 
+        if exc_type is None:
+            barrier()  # every rank's subjects are written
+            if not is_main():
+                return
         try:
             if exc_type is None:
                 for src in sorted(self.path.rglob("*")):

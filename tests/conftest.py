@@ -4,6 +4,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a download attempt would retry f
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,18 @@ def small_cache(train_data, tmp_path_factory) -> Path:
     )
     extract(index.keys, list(index.paths), out, cfg, progress=False)
     return out
+
+
+@pytest.fixture
+def torchrun():
+    """run(*ARGS, port=P): `blobenc ARGS` as 2 torchrun processes on the CPU (gloo), one thread
+    each; the command must succeed. Returns the finished process (its output captured)."""
+
+    def run(*args: str, port: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        res = subprocess.run([*cmd, "-m", "blobenc", *args], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    return run

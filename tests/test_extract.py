@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,3 +332,22 @@ def test_read_rows_few_rows_by_byte_range_many_by_chunk(small_cache, monkeypatch
             np.testing.assert_array_equal(got, arr[:][rows])
     assert sparse_calls and all(sparse_calls)  # taken for `few` only, and never fell back
     assert len(sparse_calls) == 3 * len(cache.layers)
+
+
+@pytest.mark.slow
+def test_torchrun_extract_fills_one_store_equal_to_one_process(small_data, tmp_path, torchrun):
+    """2 ranks each fill their chunk range of one store: the same rows as one process, every chunk
+    flagged complete."""
+    args = ["extract", str(small_data), "--model", "test_vit", "--no-pretrained", "--layers", "blocks.[13]"]
+    args += ["--chunk-images", "8", "--device", "cpu", "--workers", "0"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    alone = subprocess.run([sys.executable, "-m", "blobenc", *args, "-q", "--out", str(tmp_path / "alone")], env=env)
+    assert alone.returncode == 0
+    ranks = torchrun(*args, "--out", str(tmp_path / "ranks"), port=29520)
+    one, two = FeatureCache.open(tmp_path / "alone"), FeatureCache.open(tmp_path / "ranks")
+    log = ranks.stdout + ranks.stderr
+    done = [int(n) for n in re.findall(r"extracting (\d+) images \(\d+ chunks of 8\)", log)]
+    assert len(done) == 2 and sum(done) == len(one.keys), log[-2000:]  # each rank its half
+    assert two.complete
+    for layer in one.layers:
+        np.testing.assert_array_equal(two.array(layer)[:], one.array(layer)[:])

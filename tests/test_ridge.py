@@ -355,3 +355,36 @@ def test_select_refuses_runs_on_other_splits(small_cache, train_data, tmp_path):
     res = runner.invoke(app, ["predict", str(a), str(b), "--data", str(train_data), "--out", str(out)])
     assert res.exit_code == 1 and "validated on other images" in res.output and "Traceback" not in res.output
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_torchrun_fit_ridge_and_predict_share_subjects_like_one_process(small_cache, train_data, tmp_path, torchrun):
+    """Subjects over 2 ranks: the same weights, validation scores and predictions as one process."""
+    runner = CliRunner()
+    alone, ranks = tmp_path / "alone", tmp_path / "ranks"
+    args = ["fit-ridge", str(small_cache), "--data", str(train_data), "--device", "cpu", "-q"]
+    assert runner.invoke(app, [*args, "--out", str(alone)]).exit_code == 0
+    torchrun(*args, "--out", str(ranks), port=29518)
+    one, two = (json.loads((d / "summary.json").read_text()) for d in (alone, ranks))
+    assert [r["subject"] for r in two["subjects"]] == [r["subject"] for r in one["subjects"]]
+    assert [r["rank"] for r in two["subjects"]] == [0, 1, 0] and {r["rank"] for r in one["subjects"]} == {0}
+    assert two["val"]["median_r2"] == pytest.approx(one["val"]["median_r2"], abs=1e-5)
+    names = [sorted(p.name for p in (d / "weights").iterdir()) for d in (alone, ranks)]
+    assert names[0] == names[1]  # no validation hand-over file left
+    for f in (alone / "weights").iterdir():
+        a, b = load_file(f), load_file(ranks / "weights" / f.name)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    predicted = {}
+    for name, run_dir in (("alone", alone), ("ranks", ranks)):
+        pred = tmp_path / f"pred-{name}"
+        predict_args = ["predict", str(run_dir), "--data", str(train_data), "--out", str(pred), "--device", "cpu", "-q"]
+        if name == "alone":
+            assert runner.invoke(app, predict_args).exit_code == 0
+        else:
+            torchrun(*predict_args, port=29519)
+        predicted[name] = {p.relative_to(pred): np.load(p) for p in pred.rglob("*.npy")}
+        assert not list(pred.glob(".predict-*"))  # the staging folder moved into place once
+    assert predicted["ranks"].keys() == predicted["alone"].keys() and len(predicted["alone"]) == 6
+    for k, v in predicted["alone"].items():
+        np.testing.assert_allclose(predicted["ranks"][k], v, rtol=1e-4, atol=1e-5)

@@ -74,13 +74,13 @@ def test_allocator_left_alone_when_the_user_chose(monkeypatch):
     assert runtime._keep_freed_memory().startswith("user settings")
 
 
-def test_release_memory_gives_a_phase_s_freed_blocks_back_to_the_kernel():
-    """configure_cpu keeps freed memory in the heap (fast training steps); release_memory must
-    still give a phase's big temporaries back: at the full NSD size, fit-head held 23 GB after its
-    group PCA where 8 GB were live (#21)."""
-    script = """
+def anonymous_memory_after(body: str) -> list[int]:
+    """Run `body` in a fresh interpreter after configure_cpu, with anon() (RssAnon in bytes) and
+    `before` (its value at the start) defined; `body` prints numbers on one line, returned. Skips
+    where the allocator is not tuned (not glibc, or the user's own settings)."""
+    script = f"""
 import numpy as np
-from blobenc.runtime import configure_cpu, release_memory
+from blobenc.runtime import configure_cpu, large_blocks_mapped, release_memory
 
 def anon():
     for line in open("/proc/self/status"):
@@ -89,6 +89,21 @@ def anon():
 
 print(configure_cpu()["malloc"])
 before = anon()
+{body}
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "BLOBENC_MALLOC"))}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    policy, sizes = out.stdout.splitlines()
+    if not policy.startswith("keep freed memory"):
+        pytest.skip(f"allocator not tuned here: {policy}")
+    return [int(x) for x in sizes.split()]
+
+
+def test_release_memory_gives_a_phase_s_freed_blocks_back_to_the_kernel():
+    """configure_cpu keeps freed memory in the heap (fast training steps); release_memory must
+    still give a phase's big temporaries back: at the full NSD size, fit-head held 23 GB after its
+    group PCA where 8 GB were live (#21)."""
+    held, kept, released = anonymous_memory_after("""
 blocks = [np.ones(8 << 20) for _ in range(8)]  # 8 x 64 MB, touched
 small = np.ones(1 << 10)  # allocated after them: the freed blocks are not the heap's top
 held = anon() - before
@@ -96,15 +111,28 @@ del blocks
 kept = anon() - before
 release_memory()
 print(held, kept, anon() - before)
-"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "BLOBENC_MALLOC"))}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    policy, sizes = out.stdout.splitlines()
-    if not policy.startswith("keep freed memory"):
-        pytest.skip(f"allocator not tuned here: {policy}")
-    held, kept, released = map(int, sizes.split())
+""")
     assert held > 500e6 and kept > 500e6  # freed but kept for reuse
     assert released < 50e6, (held, kept, released)
+
+
+def test_large_blocks_mapped_returns_each_freed_block_at_once_and_the_heap_keeps_small_ones():
+    """Inside a one-off phase (fit-head's group PCA) a freed large block goes back to the kernel
+    at once, leaving no hole in the heap; outside, blocks are kept for reuse as before."""
+    held, inside, outside = anonymous_memory_after("""
+with large_blocks_mapped():
+    blocks = [np.ones(8 << 20) for _ in range(8)]  # 8 x 64 MB, touched
+    small = np.ones(1 << 10)
+    held = anon() - before
+    del blocks
+    inside = anon() - before
+blocks = [np.ones(8 << 20) for _ in range(8)]
+small2 = np.ones(1 << 10)  # allocated after them: the freed blocks are not the heap's top
+del blocks
+print(held, inside, anon() - before)
+""")
+    assert held > 500e6 and inside < 50e6, (held, inside)
+    assert outside > 500e6  # the heap keeps freed memory again after the phase
 
 
 def test_extract_workers_default_to_the_cores(cores, monkeypatch, tmp_path):

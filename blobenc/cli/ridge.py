@@ -81,6 +81,8 @@ def fit_ridge_command(
                 cache, data, out, config, max_memory=parse_bytes(max_memory),
                 feature_memory=parse_bytes(feature_memory, "--feature-memory"), progress=not quiet,
             )  # fmt: skip
+    if summary is None:  # under torchrun only rank 0 reports
+        return
     if not quiet:
         print_summary(summary, out)
     if report:

@@ -217,6 +217,8 @@ def predict_command(
                     runs[0], data, out, subject, split, cache, batch_size, device, precision, images=images,
                     progress=not quiet, max_memory=parse_bytes(max_memory), block_images=block_images,
                 )  # fmt: skip
+                if scores is None:  # under torchrun only rank 0 reports
+                    return
     if scores:
         from blobenc.predictions import summarize
 

@@ -17,6 +17,7 @@ import yaml
 from blobenc.errors import ConfigError
 
 INITS = ("random", "ridge", "pca-ridge")  # the head's starts (blobenc/train/init.py)
+FEATURE_DTYPES = ("cache", "int8")  # how fit-head holds features in memory (train/data.CachedFeatures)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class HeadConfig:
     hidden_dim: int = 256  # reference: 1024
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     pca_samples: int = 16000  # the group PCA is fitted on at most this many training samples (seeded draw)
+    feature_dtype: str = "cache"  # features in memory as the cache stores them, or int8 (half of float16)
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.05
     grad_clip: float | None = None
@@ -62,6 +64,8 @@ class HeadConfig:
             raise ConfigError(f"val_fraction={self.val_fraction}: expected a fraction in (0, 1)")
         if self.weight_decay < 0 or (self.grad_clip is not None and self.grad_clip <= 0):
             raise ConfigError("weight_decay must be >= 0 and grad_clip > 0 when set")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"feature_dtype={self.feature_dtype!r}: expected one of {', '.join(FEATURE_DTYPES)}")
         if self.init not in INITS:
             raise ConfigError(f"init={self.init!r}: expected one of {', '.join(INITS)}")
         if self.accumulate < 1 or (self.batch_size is not None and self.accumulate > self.batch_size):
@@ -117,6 +121,7 @@ NOT_SWEEPABLE = (
     "val_fraction",
     "proj_dim",
     "pca_samples",
+    "feature_dtype",
     "device",
     "precision",
     "head",

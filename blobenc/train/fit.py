@@ -26,7 +26,7 @@ from blobenc.pca import GroupPCA
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import timed, timed_iter
 from blobenc.progress import make_progress
-from blobenc.runtime import release_memory, resolve_device, resolve_precision
+from blobenc.runtime import large_blocks_mapped, release_memory, resolve_device, resolve_precision
 from blobenc.scoring import pearson_r, r2_score
 from blobenc.train.checkpoint import (
     PCA_FILE,
@@ -41,7 +41,7 @@ from blobenc.train.checkpoint import (
     write_json,
 )
 from blobenc.train.config import HeadConfig, resolve_schedule
-from blobenc.train.data import HeadData
+from blobenc.train.data import HeadData, feature_row_bytes
 from blobenc.train.init import closed_form_start
 from blobenc.train.loop import (
     Trial,
@@ -246,9 +246,22 @@ def fit_head(
     budget = available_memory() if max_memory is None else max_memory
     plan = head_plan(cache, dataset, split, layers, configs, pca_path is not None or resume)
     training = plan.phases["training"]
-    if feature_memory is None:  # features stream when the rest of training leaves too little for them
-        feature_memory = budget - sum(plan.resident.values()) - sum(training.values()) + training["features"]
-        training["features"] = min(training["features"], max(feature_memory, 0))  # the stream fills what is left
+    in_memory = training["features"]
+    host_room = budget - sum(plan.resident.values()) - sum(training.values()) + in_memory
+    if device.type == "cuda":  # features in GPU memory when they fit it, read through the host by chunks
+        if feature_memory is None:
+            n_train = sum(len(split.rows(s)[0]) for s in dataset.subjects.values())
+            batch = max(resolve_schedule(c, n_train).batch_size for c in configs)
+            feature_memory = torch.cuda.mem_get_info(device)[0] - gpu_training_memory(cache, layers, plan, batch)
+        if in_memory <= feature_memory:
+            feature_memory = None
+            training["features"] = cache.attrs["chunk_images"] * feature_row_bytes(cache, layers)
+        else:  # streamed: the shuffle buffer in host memory
+            feature_memory = host_room
+            training["features"] = min(in_memory, max(host_room, 0))
+    elif feature_memory is None:  # features stream when the rest of training leaves too little for them
+        feature_memory = host_room
+        training["features"] = min(in_memory, max(host_room, 0))  # the stream fills what is left
     plan.check(budget, "lower --set pca_samples or --pca-components, or use a machine with more memory")
     logger.info(plan.describe())
     if main:
@@ -259,10 +272,10 @@ def fit_head(
     configs = [resolve_schedule(c, len(data.sets["train"])) for c in configs]  # epochs, batch from the data size
     base = configs[0]
 
-    pca = _group_pca(out / PCA_FILE, pca_path, resume, base, data, main)
-    release_memory()  # the PCA's targets and solver (~11 GB at the full NSD) are not kept in the heap
+    with large_blocks_mapped():  # the PCA's targets and solver (~11 GB at the full NSD) are not kept
+        pca = _group_pca(out / PCA_FILE, pca_path, resume, base, data, main)
     # after the PCA: its sample of group-space targets and the features never share the memory
-    data.read_features(max(feature_memory, 0), base.batch_size)
+    data.read_features(None if feature_memory is None else max(feature_memory, 0), base.batch_size, base.feature_dtype)
     n_components = len(pca.components_)
     if main:
         write_json(
@@ -633,7 +646,7 @@ def head_plan(
         n_train, n_val = n_train + len(train), n_val + len(val)
         keys.update(subject.keys["train"])
     v, n_subjects = dataset.group.n_vertices, len(dataset.subjects)
-    row_bytes = sum(int(np.prod(cache.array(n).shape[1:])) * cache.array(n).dtype.itemsize for n in layers)
+    row_bytes = feature_row_bytes(cache, layers, configs[0].feature_dtype)
     resolved = [resolve_schedule(c, n_train) for c in configs]
     p = max(c.proj_dim for c in resolved)
     plan = MemoryPlan("fit-head", {"baseline": BASELINE})
@@ -650,6 +663,15 @@ def head_plan(
         solver = GroupPCA(p).fit_memory(m, v, incomplete_columns=v - len(shared))
         plan.phases["group PCA"] = {"targets": m * v * 5, "solver": solver}
     return plan
+
+
+def gpu_training_memory(cache: FeatureCache, layers: list[str], plan: MemoryPlan, batch_size: int) -> int:
+    """GPU memory training needs besides the features held there: the plan's training phase (the
+    embeddings, embedded targets and validation work live on the device too), a batch gathered as
+    float32 and its products, and 1 GiB for CUDA's context and allocator slack."""
+    training = plan.phases["training"]
+    batch = 4 * batch_size * sum(int(np.prod(cache.array(n).shape[1:])) for n in layers)
+    return sum(training.values()) - training["features"] + 3 * batch + (1 << 30)
 
 
 def pca_samples(n: int, cap: int, seed: int) -> np.ndarray | None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from blobenc.data.base import open_dataset
+from blobenc.distributed import barrier, gather_objects, init_from_env, is_main, my_share, rank, world_size
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
@@ -254,12 +255,16 @@ def fit_ridge(
     same images), refit on every training image, and write the run folder; returns the summary.
     `max_memory` (bytes; None: the memory available): the plan (ridge_plan) is logged and refused
     beyond it. `feature_memory` (bytes; None: what the plan leaves): reduced features beyond it are
-    read from the cache a layer at a time."""
+    read from the cache a layer at a time.
+
+    Under torchrun the subjects are shared over the ranks (each rank solves its own, with the same
+    numbers as alone) and rank 0 writes the run; other ranks return None."""
     config.check()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists and is not empty; choose a new --out")
     device = resolve_device(config.device)
+    init_from_env(device)
     set_ridge_backend(device)
     cache = FeatureCache.open(cache_path)
     dataset = open_dataset(data_root)
@@ -294,9 +299,11 @@ def fit_ridge(
     val_pred = np.zeros_like(data.val_target)
     records = []
     tmp = out.parent / f".{out.name}.tmp"  # renamed to `out` once complete: never a half-written run
-    if tmp.exists():
+    if is_main() and tmp.exists():
         shutil.rmtree(tmp)
-    for i, name in enumerate(track(data.subjects, "fit-ridge", progress)):
+    barrier()
+    mine = my_share(list(enumerate(data.subjects)))
+    for i, name in track(mine, "fit-ridge", progress, len(mine)):
         ts = time.perf_counter()
         subject = dataset.subjects[name]
         part_rows = {p: dict(data.sets[p].rows)[i] for p in ("train", "val")}
@@ -319,9 +326,24 @@ def fit_ridge(
                 "alpha_median": float(fit.alpha.median()),
                 "n_train": len(tr),
                 "seconds": time.perf_counter() - ts,
+                "rank": rank(),  # the torchrun process that solved it (0 alone)
             }
         )
         del fit, Y
+        if world_size() > 1:  # handed to rank 0 through the shared folder: ~150 MB a subject at the NSD
+            np.save(tmp / "weights" / f".val-{name}.npy", val_pred[np.ix_(va, data.group_index[name])])
+    records = [r for part in gather_objects(records) for r in part]
+    if not is_main():
+        barrier()  # rank 0 reads the validation predictions, then renames the run
+        return None
+    if world_size() > 1:
+        for i, name in enumerate(data.subjects):
+            file = tmp / "weights" / f".val-{name}.npy"
+            va = np.flatnonzero(data.sets["val"].subject == i)
+            if file.is_file():  # rank 0's own subjects are in val_pred already
+                val_pred[np.ix_(va, data.group_index[name])] = np.load(file)
+                file.unlink()
+    records.sort(key=lambda r: data.subjects.index(r["subject"]))
     val = validation_scores(
         val_pred, data.val_target, data.sets["val"].subject, data.subjects, data.group_index, data.group.n_vertices
     )
@@ -372,6 +394,7 @@ def fit_ridge(
     if out.exists():
         out.rmdir()  # an empty folder made for us (a non-empty one was refused up front)
     tmp.rename(out)
+    barrier()
     return summary
 
 
