@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -178,6 +179,8 @@ def predict_selected(
     (`<subject>.weights`, runs x vertices). Returns scores where test responses exist, and the
     selection summary under "selection"."""
     runs = [Path(r) for r in runs]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # each member's predict would share the subjects out
+        raise ConfigError("--select: combining runs is one process's work; run it without torchrun")
     if len(runs) < 2:
         raise ConfigError("--select needs two runs or more")
     if select not in SELECT_MODES:

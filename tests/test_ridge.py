@@ -388,3 +388,10 @@ def test_torchrun_fit_ridge_and_predict_share_subjects_like_one_process(small_ca
     assert predicted["ranks"].keys() == predicted["alone"].keys() and len(predicted["alone"]) == 6
     for k, v in predicted["alone"].items():
         np.testing.assert_allclose(predicted["ranks"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_select_refuses_torchrun_in_one_line(train_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: each member's predict would share subjects out
+    out = tmp_path / "pred"
+    res = CliRunner().invoke(app, ["predict", "a", "b", "--data", str(train_data), "--out", str(out)])
+    assert res.exit_code == 1 and "run it without torchrun" in res.output and not out.exists()
