@@ -4,7 +4,17 @@ from blobenc.data.algonauts import AlgonautsDataset
 from blobenc.data.base import Dataset, GroupSpace, ImageIndex, Subject, ValidationSplit, open_dataset
 from blobenc.data.generic import GenericDataset, write_generic
 from blobenc.data.synth import SynthConfig, write_synthetic
-from blobenc.errors import BlobencError, CacheError, ConfigError, DataError, ModelError, PredictionError, ResourceError
+from blobenc.errors import (
+    BlobencError,
+    CacheError,
+    ConfigError,
+    DataError,
+    ModelError,
+    PredictionError,
+    ReportError,
+    ResourceError,
+    TrainingError,
+)
 from blobenc.predictions import evaluate, submit
 
 __version__ = "0.1.0"
@@ -21,9 +31,11 @@ __all__ = [
     "ImageIndex",
     "ModelError",
     "PredictionError",
+    "ReportError",
     "ResourceError",
     "Subject",
     "SynthConfig",
+    "TrainingError",
     "ValidationSplit",
     "evaluate",
     "open_dataset",

@@ -27,3 +27,11 @@ class ConfigError(BlobencError):
 
 class ResourceError(BlobencError):
     """A command's plan needs more memory than it may use."""
+
+
+class TrainingError(BlobencError):
+    """Training cannot go on (a non-finite loss in every trial)."""
+
+
+class ReportError(BlobencError):
+    """A folder is not a run, runs cannot be compared, or the report extra is not installed."""

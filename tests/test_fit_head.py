@@ -793,7 +793,7 @@ def test_non_finite_loss_stops_and_keeps_best(small_cache, train_data, tmp_path,
         return real(*args) * (float("nan") if calls["n"] > 4 else 1.0)
 
     monkeypatch.setattr(loop, "embedded_mse", poisoned)
-    from blobenc.train.fit import TrainingError
+    from blobenc.errors import TrainingError
 
     config = cfg(epochs=3, batch_size=64, init="random")
     summary = fit_head(small_cache, train_data, tmp_path / "r", [config], progress=False)

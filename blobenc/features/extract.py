@@ -1,4 +1,4 @@
-"""`blobenc extract`: run a trunk once over every image and cache several layers (docs/extract.md)."""
+"""`blobenc extract`: run a trunk once over every image and cache several layers (docs/commands.md)."""
 
 from __future__ import annotations
 

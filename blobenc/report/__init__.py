@@ -12,7 +12,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from blobenc.report.runs import ReportError, Run, check_comparable, load_run
+from blobenc.errors import ReportError
+from blobenc.report.runs import Run, check_comparable, load_run
 
 __all__ = ["ReportError", "Run", "load_run", "write_report"]
 

@@ -13,14 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from blobenc.errors import BlobencError
+from blobenc.errors import ReportError
 
 RUN_FORMAT = "blobenc.run"
 HEMIS = ("lh", "rh")
-
-
-class ReportError(BlobencError):
-    """A folder is not a run, runs cannot be compared, or the report extra is not installed."""
 
 
 @dataclass

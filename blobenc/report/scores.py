@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from blobenc.report.runs import HEMIS, ReportError, Run
+from blobenc.errors import ReportError
+from blobenc.report.runs import HEMIS, Run
 from blobenc.report.surface import fsaverage_targets, mean_maps, to_fsaverage5
 
 

@@ -16,7 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from blobenc.report.runs import HEMIS, ReportError
+from blobenc.errors import ReportError
+from blobenc.report.runs import HEMIS
 
 FSAVERAGE5 = 10242
 NILEARN_HEMI = {"lh": "left", "rh": "right"}

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from blobenc.data.base import ValidationSplit, open_dataset
 from blobenc.distributed import barrier, init_from_env, is_main, rank, world_size
-from blobenc.errors import BlobencError, ConfigError
+from blobenc.errors import ConfigError, TrainingError
 from blobenc.features.cache import FeatureCache
 from blobenc.heads import create_head
 from blobenc.pca import GroupPCA
@@ -54,10 +54,6 @@ from blobenc.train.loop import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(BlobencError):
-    """Training cannot go on (a non-finite loss in every trial)."""
 
 
 def _trial_dir(out: Path, k: int, n: int) -> Path:
