@@ -15,6 +15,7 @@ import numpy as np
 
 from blobenc.data.base import Dataset, Subject
 from blobenc.errors import DataError, PredictionError
+from blobenc.files import atomic_path
 from blobenc.scoring import noise_normalized_accuracy, pearson_r, r2_score
 
 SUBMISSION_FOLDER = "algonauts_2023_challenge_submission"
@@ -139,11 +140,9 @@ def submit(pred_dir: Path | str, dataset: Dataset, out: Path | str) -> Path:
         raise PredictionError(f"{out}: the submission file must end in .zip")
     for name in dataset.subjects:  # validate everything before writing anything
         dataset.read_predictions(pred_dir, name, "test")
-    tmp = out.with_name(f".{out.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in dataset.subjects:
             for hemi in ("lh", "rh"):
                 path = prediction_path(pred_dir, name, hemi, "test")
                 zf.write(path, f"{SUBMISSION_FOLDER}/{name}/{path.name}")
-    tmp.replace(out)
     return out

@@ -9,8 +9,9 @@ import torch
 
 from blobenc.errors import ModelError
 from blobenc.features.cache import FeatureCache
+from blobenc.files import write_json
 from blobenc.heads import create_head, token_shape
-from blobenc.train.checkpoint import RUN_FORMAT, save_weights, write_json
+from blobenc.train.checkpoint import RUN_FORMAT, save_weights
 
 
 def _load(path: Path, what: str) -> dict:

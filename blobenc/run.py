@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from blobenc.data.base import GroupSpace
+from blobenc.files import read_json
 from blobenc.heads import HeadEnsemble, create_head
-from blobenc.train.checkpoint import load_state, load_weights, pca_path, read_json, resolve_run
+from blobenc.train.checkpoint import load_state, load_weights, pca_path, resolve_run
 from blobenc.train.ridge import RidgeModel
 
 

@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 
 from blobenc.data.base import ValidationSplit, open_dataset
 from blobenc.errors import ConfigError
+from blobenc.files import write_json
 from blobenc.predict import PredictionStaging, predict
 from blobenc.predictions import score_subject
-from blobenc.train.checkpoint import resolve_run, save_weights, write_json
+from blobenc.train.checkpoint import resolve_run, save_weights
 from blobenc.train.fit import VAL_PRED_FILE
 
 SELECT_MODES = ("stack", "vertex", "subject")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -174,12 +173,6 @@ def setup_logging(quiet: bool, log_file: Path | None = None) -> None:
         fh = _FolderOnFirstRecord(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
-
-
-def write_json(path: Path | None, obj: dict) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def parse_bytes(text: str | None, option: str = "--max-memory") -> int | None:

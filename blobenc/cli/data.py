@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from blobenc.cli._common import DataOpt, JsonOpt, QuietOpt, SeedOpt, console, errors, setup_logging, write_json
+from blobenc.cli._common import DataOpt, JsonOpt, QuietOpt, SeedOpt, console, errors, setup_logging
 from blobenc.data.base import Dataset, open_dataset
 from blobenc.data.synth import SynthConfig, write_synthetic
+from blobenc.files import write_json
 from blobenc.predictions import evaluate, mean_rois, submit
 
 
@@ -126,7 +127,8 @@ def evaluate_command(
     setup_logging(quiet)
     with errors():
         result = evaluate(pred_dir, open_dataset(data))
-    write_json(json_out, result)
+    if json_out is not None:
+        write_json(json_out, result)
     normalized = result["score"] is not None
     if quiet:
         console.print(f"{result['score'] if normalized else result['median_r']:.4f}")

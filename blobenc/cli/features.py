@@ -25,11 +25,11 @@ from blobenc.cli._common import (
     errors,
     parse_bytes,
     setup_logging,
-    write_json,
 )
 from blobenc.data.base import describe_dataset, open_dataset
 from blobenc.defaults import DEFAULT_LAYERS, DEFAULT_MODEL
 from blobenc.errors import ConfigError
+from blobenc.files import write_json
 
 # torch, timm and zarr are imported inside the commands: `blobenc --help` and completion stay fast.
 
@@ -104,7 +104,8 @@ def extract_command(
                 max_memory=parse_bytes(max_memory),
             )
         info = FeatureCache.open(out, allow_incomplete=True).info()
-    write_json(json_out, summary | {"info": info})
+    if json_out is not None:
+        write_json(json_out, summary | {"info": info})
     if not quiet:
         console.print(info_table(info, summary))
 
@@ -153,12 +154,14 @@ def info_command(
             from blobenc.cli.data import dataset_table
 
             ds = open_dataset(cache)
-            write_json(json_out, describe_dataset(ds))
+            if json_out is not None:
+                write_json(json_out, describe_dataset(ds))
             if not quiet:
                 console.print(dataset_table(ds, f"{ds.layout} dataset {ds.root} ({ds.name})"))
             return
         info = FeatureCache.open(cache, allow_incomplete=True).info()
-    write_json(json_out, info)
+    if json_out is not None:
+        write_json(json_out, info)
     if not quiet:
         console.print(info_table(info))
 

@@ -28,10 +28,10 @@ from blobenc.cli._common import (
     errors,
     parse_bytes,
     setup_logging,
-    write_json,
     write_run_report,
 )
 from blobenc.cli.data import roi_table, score_table
+from blobenc.files import write_json
 
 CheckpointMinutesOpt = Annotated[
     float,
@@ -223,7 +223,8 @@ def predict_command(
         from blobenc.predictions import summarize
 
         result = summarize(scores)
-        write_json(json_out, result)
+        if json_out is not None:
+            write_json(json_out, result)
         if not quiet:
             console.print(score_table(result, f"predictions in {out}"))
     elif not quiet:

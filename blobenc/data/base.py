@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from blobenc.errors import DataError, PredictionError
+from blobenc.files import atomic_path
 
 SPLITS = ("train", "test")
 HEMIS = ("lh", "rh")
@@ -287,10 +288,8 @@ class DatasetBase:
 
 def write_array(path: Path, arr: np.ndarray) -> None:
     """np.save through a temporary name and a rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:  # np.save on a path would append .npy to the temp name
+    with atomic_path(path) as tmp, tmp.open("wb") as f:  # np.save on a path would append .npy to tmp's name
         np.save(f, arr)
-    tmp.replace(path)
 
 
 def read_prediction_file(path: Path, shape: tuple[int, int], what: str) -> np.ndarray:

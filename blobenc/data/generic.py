@@ -41,6 +41,7 @@ from blobenc.data.base import (
     write_array,
 )
 from blobenc.errors import DataError, PredictionError
+from blobenc.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -459,12 +460,10 @@ class GenericDataset(DatasetBase):
         keys = list(keys if keys is not None else self.subjects[subject].keys[split])
         npy, table = folder / f"pred_{split}.npy", folder / f"{split}.csv"
         write_array(npy, np.ascontiguousarray(pred, dtype=np.float32))
-        tmp = table.with_name(f".{table.name}.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as f:
+        with atomic_path(table) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["image"])
             writer.writerows([k] for k in keys)
-        tmp.replace(table)
         return [npy, table]
 
     def read_predictions(self, out: Path, subject: str, split: str = "test") -> np.ndarray:

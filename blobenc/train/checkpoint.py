@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blobenc.errors import ConfigError, ModelError
+from blobenc.files import atomic_path, read_json
 
 RUN_FORMAT = "blobenc.run"  # model.json / run.json of every run folder
 PCA_FILE = "pca.safetensors"  # the run's group PCA: the frozen embedding, stored once per run
@@ -16,11 +17,10 @@ PCA_FILE = "pca.safetensors"  # the run's group PCA: the frozen embedding, store
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> int:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind. Returns the bytes written."""
-    tmp = path.with_name(f".{path.name}.tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    size = tmp.stat().st_size
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        size = tmp.stat().st_size
     return size
 
 
@@ -81,21 +81,6 @@ def pca_path(tdir: Path, spec: dict) -> Path | None:
     """The PCA file a trial folder's checkpoints take their embedding from (model.json `pca`,
     relative to the folder); None for runs whose checkpoints hold it."""
     return tdir / spec["pca"] if spec.get("pca") else None
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: Path):
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:

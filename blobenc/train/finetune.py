@@ -28,6 +28,7 @@ from blobenc.features.trunk import (
     pool_features,
     weights_fingerprint,
 )
+from blobenc.files import read_json, write_json
 from blobenc.heads import create_head
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.train.checkpoint import (
@@ -36,9 +37,7 @@ from blobenc.train.checkpoint import (
     load_state,
     load_weights,
     pca_path,
-    read_json,
     resolve_run,
-    write_json,
 )
 from blobenc.train.config import FinetuneConfig
 from blobenc.train.data import SplitTargets

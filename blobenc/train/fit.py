@@ -21,6 +21,7 @@ from blobenc.data.base import ValidationSplit, open_dataset
 from blobenc.distributed import barrier, init_from_env, is_main, rank, world_size
 from blobenc.errors import ConfigError, TrainingError
 from blobenc.features.cache import FeatureCache
+from blobenc.files import read_json, write_json
 from blobenc.heads import create_head
 from blobenc.pca import GroupPCA
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
@@ -35,10 +36,8 @@ from blobenc.train.checkpoint import (
     load_state,
     load_weights,
     optimizer_state,
-    read_json,
     save_weights,
     trained_state,
-    write_json,
 )
 from blobenc.train.config import HeadConfig, resolve_schedule
 from blobenc.train.data import HeadData, feature_row_bytes

@@ -20,6 +20,7 @@ from blobenc.data.base import open_dataset
 from blobenc.distributed import barrier, gather_objects, init_from_env, is_main, my_share, rank, world_size
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
+from blobenc.files import write_json
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import timed
 from blobenc.progress import track
@@ -35,7 +36,7 @@ from blobenc.ridge import (
     set_ridge_backend,
 )
 from blobenc.runtime import resolve_device
-from blobenc.train.checkpoint import RUN_FORMAT, save_weights, write_json
+from blobenc.train.checkpoint import RUN_FORMAT, save_weights
 from blobenc.train.data import SplitTargets
 from blobenc.train.fit import save_validation
 from blobenc.train.loop import validation_scores
