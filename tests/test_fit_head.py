@@ -689,11 +689,14 @@ def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data
     assert mem.features is not None and stream.stream is not None
     # every training sample exactly once per epoch, with the same features as the in-memory path
     seen = []
-    weight, bias = torch.randn(stream.group.n_vertices, 5), torch.randn(stream.group.n_vertices)
+    g = torch.Generator().manual_seed(0)
+    v = stream.group.n_vertices
+    weight, bias = torch.randn(v, 5, generator=g), torch.randn(v, generator=g)
     stream.embed(weight, bias)
     mem.embed(weight, bias, block=7)  # fMRI read in blocks of 7 rows: the same targets
-    torch.testing.assert_close(mem.targets.r, stream.targets.r)
-    torch.testing.assert_close(mem.targets.q, stream.targets.q)
+    # to float32 rounding: a matrix product's blocking depends on its number of rows
+    torch.testing.assert_close(mem.targets.r, stream.targets.r, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mem.targets.q, stream.targets.q, rtol=1e-5, atol=1e-4)
     for _, subject, r, q in stream.train_batches(8, seed=0, epoch=0):
         assert len(subject) == len(r) == len(q) >= 2
         seen.append(r)

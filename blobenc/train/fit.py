@@ -251,8 +251,9 @@ def fit_head(
         if in_memory <= feature_memory:
             feature_memory = None
             training["features"] = cache.attrs["chunk_images"] * feature_row_bytes(cache, layers)
-        else:  # streamed: the shuffle buffer in host memory
-            feature_memory = host_room
+        else:  # streamed, the shuffle buffer in host memory: its budget stays below the features'
+            # size however much RAM the host has, or read_features would put them on the GPU
+            feature_memory = min(host_room, in_memory - 1)
             training["features"] = min(in_memory, max(host_room, 0))
     elif feature_memory is None:  # features stream when the rest of training leaves too little for them
         feature_memory = host_room
