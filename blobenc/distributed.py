@@ -12,6 +12,8 @@ def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/MASTER_ADDR); False when not under torchrun."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return False
+    if device.type == "cuda":  # NCCL's object collectives and himalaya's "cuda" use the current device
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True

@@ -149,7 +149,9 @@ def large_blocks_mapped(threshold: int = ONE_OFF_BLOCK):
         return
     mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(_M_MMAP_THRESHOLD, threshold)
+    if mallopt(_M_MMAP_THRESHOLD, threshold) != 1:  # glibc refuses thresholds above 32 MiB
+        yield
+        return
     mallopt(_M_MMAP_MAX, 1 << 16)
     try:
         yield

@@ -8,7 +8,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +158,9 @@ def start_run(out: Path, configs: list, resume: bool, base) -> tuple:
     main = is_main()
     if resume:
         stored = read_json(out / "run.json")
-        if stored.get("configs") != [c.to_dict() for c in configs]:
+        # keys added since the run started take their defaults (feature_dtype: a run from before it)
+        defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(base)}
+        if [defaults | c for c in stored.get("configs") or []] != [defaults | c.to_dict() for c in configs]:
             raise ConfigError(
                 f"{out}: --resume with other settings than the run was started with; resume with the same options"
             )
@@ -243,6 +245,7 @@ def fit_head(
     training = plan.phases["training"]
     in_memory = training["features"]
     host_room = budget - sum(plan.resident.values()) - sum(training.values()) + in_memory
+    given_memory = feature_memory
     if device.type == "cuda":  # features in GPU memory when they fit it, read through the host by chunks
         if feature_memory is None:
             n_train = sum(len(split.rows(s)[0]) for s in dataset.subjects.values())
@@ -253,7 +256,7 @@ def fit_head(
             training["features"] = cache.attrs["chunk_images"] * feature_row_bytes(cache, layers)
         else:  # streamed, the shuffle buffer in host memory: its budget stays below the features'
             # size however much RAM the host has, or read_features would put them on the GPU
-            feature_memory = min(host_room, in_memory - 1)
+            feature_memory = min(host_room if given_memory is None else given_memory, in_memory - 1)
             training["features"] = min(in_memory, max(host_room, 0))
     elif feature_memory is None:  # features stream when the rest of training leaves too little for them
         feature_memory = host_room
