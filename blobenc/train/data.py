@@ -149,24 +149,29 @@ class SplitTargets:
         return torch.as_tensor(self.sets[part].subject[idx], device=self.device)
 
 
-def channel_axis(row_ndim: int) -> int | None:
-    """The channel axis of one cached row: tokens (T, C) and vectors (C,) last, CNN maps (C, H, W)
-    first (the layouts trunk.pool_features takes); None for a vector, whose scale is per row."""
-    return {1: None, 2: 1, 3: 0}[row_ndim]
+def scale_axes(shape: tuple[int, ...], views: int) -> tuple[int, ...]:
+    """The axes of a layer's (images[, views], *row) array an int8 scale spans: a row's positions.
+    Tokens (T, C) and CNN maps (C, H, W) keep their channel axis (the layouts trunk.pool_features
+    takes); a vector (C,) has one scale per row."""
+    lead = 2 if views > 1 else 1  # the image axis, then the view axis if any
+    ndim = len(shape) - lead
+    if ndim not in (1, 2, 3):
+        raise ConfigError(f"feature_dtype=int8: rows of {ndim} dimensions; expected tokens, maps or vectors")
+    channel = {1: None, 2: 1, 3: 0}[ndim]
+    return tuple(lead + a for a in range(ndim) if a != channel)
 
 
 def feature_row_bytes(cache: FeatureCache, layers: list[str], dtype: str = "cache") -> int:
     """Bytes one image's features of `layers` take in memory as `dtype` holds them."""
-    lead = 2 if cache.attrs["views"] > 1 else 1  # the image axis, then the view axis if any
     total = 0
     for name in layers:
-        shape = cache.array(name).shape
-        if dtype == "int8":
-            axis = channel_axis(len(shape) - lead)
-            scales = int(np.prod(shape[1:lead])) * (1 if axis is None else shape[lead + axis])
-            total += int(np.prod(shape[1:])) + 4 * scales
+        arr = cache.array(name)
+        if dtype == "int8":  # a byte a value, 4 a scale
+            spans = scale_axes(arr.shape, cache.attrs["views"])
+            scales = [n for a, n in enumerate(arr.shape[1:], 1) if a not in spans]
+            total += int(np.prod(arr.shape[1:])) + 4 * int(np.prod(scales))
         else:
-            total += int(np.prod(shape[1:])) * cache.array(name).dtype.itemsize
+            total += int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
     return total
 
 
@@ -192,13 +197,11 @@ class CachedFeatures:
         rows = np.asarray(rows)
         self.tables: list[torch.Tensor] = []
         self.scales: list[torch.Tensor | None] = []
-        lead = 2 if self.views > 1 else 1  # the image axis, then the view axis if any
         for layer in layers:
             arr = cache.array(layer)
             shape = (len(rows), *arr.shape[1:])
-            axis = channel_axis(arr.ndim - lead)
-            reduce = tuple(lead + a for a in range(arr.ndim - lead) if a != axis)  # a row's positions
             if dtype == "int8":
+                reduce = scale_axes(arr.shape, self.views)
                 table = torch.empty(shape, dtype=torch.int8, device=device)
                 scale_shape = [n if a not in reduce else 1 for a, n in enumerate(shape)]
                 scale = torch.empty(scale_shape, dtype=torch.float32, device=device)
@@ -214,7 +217,7 @@ class CachedFeatures:
                     continue
                 x = x.float()
                 s = x.abs().amax(dim=reduce, keepdim=True).clamp_min(1e-30) / 127
-                table[at] = torch.round(x / s).to(torch.int8)
+                table[at] = x.div_(s).round_().to(torch.int8)  # in place: one float32 copy of the chunk
                 scale[at] = s
             self.tables.append(table)
             self.scales.append(scale)

@@ -669,7 +669,8 @@ def gpu_training_memory(cache: FeatureCache, layers: list[str], plan: MemoryPlan
     embeddings, embedded targets and validation work live on the device too), a batch gathered as
     float32 and its products, and 1 GiB for CUDA's context and allocator slack."""
     training = plan.phases["training"]
-    batch = 4 * batch_size * sum(int(np.prod(cache.array(n).shape[1:])) for n in layers)
+    lead = 2 if cache.attrs["views"] > 1 else 1  # a batch gathers one view of each image
+    batch = 4 * batch_size * sum(int(np.prod(cache.array(n).shape[lead:])) for n in layers)
     return sum(training.values()) - training["features"] + 3 * batch + (1 << 30)
 
 

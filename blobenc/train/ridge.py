@@ -331,7 +331,7 @@ def fit_ridge(
             }
         )
         del fit, Y
-        if world_size() > 1:  # handed to rank 0 through the shared folder: ~150 MB a subject at the NSD
+        if not is_main():  # handed to rank 0 through the shared folder: ~150 MB a subject at the NSD
             np.save(tmp / "weights" / f".val-{name}.npy", val_pred[np.ix_(va, data.group_index[name])])
     records = [r for part in gather_objects(records) for r in part]
     if not is_main():
@@ -341,7 +341,7 @@ def fit_ridge(
         for i, name in enumerate(data.subjects):
             file = tmp / "weights" / f".val-{name}.npy"
             va = np.flatnonzero(data.sets["val"].subject == i)
-            if file.is_file():  # rank 0's own subjects are in val_pred already
+            if file.is_file():  # rank 0's own subjects are in val_pred already and have no file
                 val_pred[np.ix_(va, data.group_index[name])] = np.load(file)
                 file.unlink()
     records.sort(key=lambda r: data.subjects.index(r["subject"]))
