@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,8 +16,25 @@ def init_from_env(device: torch.device) -> bool:
     if device.type == "cuda":  # NCCL's object collectives and himalaya's "cuda" use the current device
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # CPU tensors (the Ctrl-C flag, object collectives) go over gloo even beside NCCL. The
+        # timeout covers a rank that waits while another solves a larger share (fit-ridge's
+        # subjects take minutes each at the NSD size); torchrun stops every rank when one dies.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(hours=6))
     return True
+
+
+def local_world_size() -> int:
+    """How many torchrun processes share this machine (and its memory): 1 alone."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every rank when `flag` is true on every rank: one decision for ranks that must
+    take the same path (alone: `flag`)."""
+    if not dist.is_initialized():
+        return flag
+    return all(gather_objects(bool(flag)))
 
 
 def rank() -> int:

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blobenc.distributed import local_world_size
 from blobenc.errors import ResourceError
 
 # Anonymous memory of a command before its data: Python with torch, timm, zarr, scikit-learn and
@@ -22,7 +23,12 @@ BASELINE = 400 << 20
 
 
 def available_memory() -> int:
-    """Bytes a new allocation can take without swapping (the kernel's MemAvailable)."""
+    """Bytes a new allocation can take without swapping (the kernel's MemAvailable), divided
+    among the torchrun processes on this machine, which plan at the same time."""
+    return _mem_available() // local_world_size()
+
+
+def _mem_available() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

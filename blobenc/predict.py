@@ -202,7 +202,7 @@ def predict(
     plan.check(budget, "lower --block-images or --batch-size, or predict one --subject at a time")
     plan.check_disk(Path(out), "free space or predict one --subject at a time")
     logger.info(plan.describe())
-    if shared:
+    if shared and wanted:
         everyone = inputs(list(wanted), list(wanted.values()))
         position = {k: i for i, k in enumerate(wanted)}
 
@@ -255,8 +255,9 @@ def predict_plan(model, spec: dict, dataset, sizes: dict[str, int], n_wanted: in
         stored = np.dtype(feats["dtype"]).itemsize * sum(shapes)
     params = model.parameters() if isinstance(model, torch.nn.Module) else []
     weights = sum(t.numel() * t.element_size() for t in params)
-    native = max(sizes[n] * dataset.subjects[n].n_targets for n in sizes) * 4
-    rows = min(block, max(sizes.values()))
+    # a torchrun rank beyond the subjects' count predicts none: sizes is empty
+    native = max((sizes[n] * dataset.subjects[n].n_targets for n in sizes), default=0) * 4
+    rows = min(block, max(sizes.values(), default=0))
     plan = MemoryPlan("predict", {"baseline": BASELINE, "model": weights, "features": n_wanted * stored})
     plan.phases["predicting"] = {
         "predictions": native,
@@ -287,6 +288,8 @@ class PredictionStaging:
     def __exit__(self, exc_type, exc, tb) -> None:
         import shutil
 
+        # A rank that fails removes the staging folder itself: torchrun then stops the others,
+        # rank 0 before it moves anything (it waits at the barrier), and OUT stays as it was.
         if exc_type is None:
             barrier()  # every rank's subjects are written
             if not is_main():

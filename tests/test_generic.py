@@ -524,6 +524,8 @@ def test_image_that_fails_to_decode_mid_run_is_one_line(generic_data, generic_ru
 def test_finetune_config_refuses_keys_it_ignores():
     with pytest.raises(ConfigError, match="config key 'hidden_dim': finetune takes it from the fit-head run"):
         load_config(None, ["hidden_dim=64"], cls=FinetuneConfig)
+    with pytest.raises(ConfigError, match="config key 'feature_dtype': finetune reads images, not cached features"):
+        load_config(None, ["feature_dtype=int8"], cls=FinetuneConfig)
     with pytest.raises(ConfigError, match=r"min_lr_fraction=1.5: expected a fraction in \[0, 1\]"):
         load_config(None, ["min_lr_fraction=1.5"])
     assert load_config(None, ["min_lr_fraction=1"]).min_lr_fraction == 1

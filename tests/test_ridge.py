@@ -388,6 +388,12 @@ def test_torchrun_fit_ridge_and_predict_share_subjects_like_one_process(small_ca
     assert predicted["ranks"].keys() == predicted["alone"].keys() and len(predicted["alone"]) == 6
     for k, v in predicted["alone"].items():
         np.testing.assert_allclose(predicted["ranks"][k], v, rtol=1e-4, atol=1e-5)
+    # one subject on 2 ranks: rank 1 predicts none and still meets rank 0 at every collective
+    one = tmp_path / "pred-one"
+    torchrun("predict", str(ranks), "--data", str(train_data), "--out", str(one), "--subject", "subj01", port=29520)
+    assert sorted(p.relative_to(one) for p in one.rglob("*.npy")) == sorted(
+        k for k in predicted["alone"] if k.parts[0] == "subj01"
+    )
 
 
 def test_select_refuses_torchrun_in_one_line(train_data, tmp_path, monkeypatch):

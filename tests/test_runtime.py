@@ -308,3 +308,11 @@ def test_cpu_settings_leave_a_fixed_seed_run_unchanged(tiny, tmp_path):
     assert a["median_r2"] == pytest.approx(b["median_r2"], abs=1e-6)
     for subj, s in a["subjects"].items():
         assert s["mean_r"] == pytest.approx(b["subjects"][subj]["mean_r"], abs=1e-6)
+
+
+def test_available_memory_is_shared_among_the_local_torchrun_processes(monkeypatch):
+    from blobenc.plan import available_memory
+
+    alone = available_memory()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # what torchrun sets for 4 processes on this machine
+    assert available_memory() == pytest.approx(alone / 4, rel=0.05)

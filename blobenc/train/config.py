@@ -100,6 +100,8 @@ class FinetuneConfig(HeadConfig):
         "val_fraction",
         "init",
     )
+    # images stream through the trunk: the cached features' keys do not apply
+    NOT_USED: ClassVar[tuple[str, ...]] = ("feature_dtype", "pca_samples")
 
     def check(self) -> None:
         super().check()
@@ -109,7 +111,8 @@ class FinetuneConfig(HeadConfig):
 
 def _fields(cls) -> dict:
     """The keys a config file or --set may give (not those `cls` takes from elsewhere)."""
-    return {f.name: f for f in fields(cls) if f.name not in getattr(cls, "FROM_RUN", ())}
+    skip = (*getattr(cls, "FROM_RUN", ()), *getattr(cls, "NOT_USED", ()))
+    return {f.name: f for f in fields(cls) if f.name not in skip}
 
 
 FIELDS = _fields(HeadConfig)
@@ -135,6 +138,8 @@ def _coerce(key: str, value, cls=HeadConfig):
         raise ConfigError(
             f"config key {key!r}: finetune takes it from the fit-head run; valid keys: {', '.join(valid)}"
         )
+    if key in getattr(cls, "NOT_USED", ()):
+        raise ConfigError(f"config key {key!r}: finetune reads images, not cached features; it does not apply")
     if key not in valid:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
     hint = typing.get_type_hints(cls)[key]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from blobenc.data.base import Dataset, ValidationSplit
+from blobenc.distributed import all_agree
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.profile import timed
@@ -374,7 +375,8 @@ class HeadData(SplitTargets):
         shuffle buffer holds at least 2 batches of `batch_size`."""
         cache, needed = self.cache, self.cache_rows
         row_bytes = feature_row_bytes(cache, self.layers, dtype)
-        if max_memory is None or len(needed) * row_bytes <= max_memory:
+        # under DDP every rank reads its batches the same way, or their samples would not partition the batch
+        if all_agree(max_memory is None or len(needed) * row_bytes <= max_memory):
             self.features = CachedFeatures(cache, self.layers, needed, self.device, self.progress, dtype)
             logger.info(
                 "features of %d images in %s memory (%s): %.1f MB",

@@ -18,7 +18,7 @@ from rich.progress import TextColumn
 from torch.nn.parallel import DistributedDataParallel
 
 from blobenc.data.base import ValidationSplit, open_dataset
-from blobenc.distributed import barrier, init_from_env, is_main, rank, world_size
+from blobenc.distributed import all_agree, barrier, init_from_env, is_main, rank, world_size
 from blobenc.errors import ConfigError, TrainingError
 from blobenc.features.cache import FeatureCache
 from blobenc.files import read_json, write_json
@@ -251,7 +251,7 @@ def fit_head(
             n_train = sum(len(split.rows(s)[0]) for s in dataset.subjects.values())
             batch = max(resolve_schedule(c, n_train).batch_size for c in configs)
             feature_memory = torch.cuda.mem_get_info(device)[0] - gpu_training_memory(cache, layers, plan, batch)
-        if in_memory <= feature_memory:
+        if all_agree(in_memory <= feature_memory):  # every DDP rank on the same path
             feature_memory = None
             training["features"] = cache.attrs["chunk_images"] * feature_row_bytes(cache, layers)
         else:  # streamed, the shuffle buffer in host memory: its budget stays below the features'
