@@ -22,7 +22,7 @@ from blobenc.data.algonauts import AlgonautsDataset
 from blobenc.data.synth import SynthConfig
 from blobenc.features.extract import ExtractConfig, extract
 from blobenc.features.trunk import TrunkSpec
-from blobenc.predict import predict
+from blobenc.predictions import predict
 from blobenc.train.config import FinetuneConfig, HeadConfig
 from blobenc.train.finetune import finetune
 from blobenc.train.fit import fit_head

@@ -256,7 +256,7 @@ def pooled_ridge(data: Path, cache_path: Path, split) -> dict:
     of `split`; validation median R² (pooled as fit-head's) and devkit test score, and seconds."""
     from sklearn.linear_model import RidgeCV
 
-    from blobenc.predictions import score_subject
+    from blobenc.scoring import score_subject
     from blobenc.train.loop import pooled_r2
 
     ds, cache = AlgonautsDataset(data), FeatureCache.open(cache_path)
@@ -285,7 +285,7 @@ def pooled_ridge(data: Path, cache_path: Path, split) -> dict:
 
 
 def test_score(run: Path, data: Path, out: Path) -> float:
-    from blobenc.predict import predict
+    from blobenc.predictions import predict
 
     scores = predict(run, data, out, progress=False)
     return float(np.mean([s["score"] for s in scores.values()]))

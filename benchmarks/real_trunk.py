@@ -86,7 +86,7 @@ def sklearn_ridge(cache: Path, data: Path, out: Path) -> None:
     import torch
     from sklearn.linear_model import RidgeCV
 
-    from blobenc.data.base import open_dataset
+    from blobenc.data import open_dataset
     from blobenc.features.cache import FeatureCache
     from blobenc.ridge import LayerScaler, reduce_layer
 

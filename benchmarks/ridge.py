@@ -73,7 +73,7 @@ def sklearn_baseline(cache: Path, data: Path, out: Path) -> None:
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
 
-    from blobenc.data.base import open_dataset
+    from blobenc.data import open_dataset
     from blobenc.features.cache import FeatureCache
 
     c = FeatureCache.open(cache)

@@ -138,7 +138,7 @@ def main(argv=None) -> None:
         print("synth ...", flush=True)
         synth = measured(cmd, dict(os.environ), root / "synth.log")
         runs["dataset"] = {"synth": synth | {"written_gb": du(data) / 1e9, "phases": {}}}
-    from blobenc.data.base import open_dataset
+    from blobenc.data import open_dataset
 
     n_images = len(open_dataset(data).unique_images())
     this = args.checkout.resolve() if args.checkout else None

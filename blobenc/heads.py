@@ -1,6 +1,6 @@
 """Encoding heads and their registry.
 
-The group-linear encoder (SPEC "The model"), with the reference release's
+The group-linear encoder (docs/model.md, "The model"), with the reference release's
 parameter names so its checkpoints load as they are:
 
     feat_projs.{i}.proj.weight2 (K, C)   channel map of layer i

@@ -14,8 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blobenc.distributed import local_world_size
-from blobenc.errors import ResourceError
+from blobenc.errors import ConfigError, ResourceError
 
 # Anonymous memory of a command before its data: Python with torch, timm, zarr, scikit-learn and
 # himalaya imported and torch's CPU allocator warmed up (measured by benchmarks/plan.py).
@@ -25,6 +24,8 @@ BASELINE = 400 << 20
 def available_memory() -> int:
     """Bytes a new allocation can take without swapping (the kernel's MemAvailable), divided
     among the torchrun processes on this machine, which plan at the same time."""
+    from blobenc.distributed import local_world_size  # torch: not when the Python API is imported
+
     return _mem_available() // local_world_size()
 
 
@@ -36,6 +37,18 @@ def _mem_available() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_bytes(text: str | None, option: str = "--max-memory") -> int | None:
+    """'512M', '8G', '1.5T' or a plain number of bytes."""
+    if text is None:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected a size such as 512M or 8G") from None
 
 
 def gb(n: float) -> str:

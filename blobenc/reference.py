@@ -1,4 +1,5 @@
-"""Import the reference Algonauts 2023 release: its group PCA and head checkpoint (SPEC "Compatibility")."""
+"""Import the reference Algonauts 2023 release: its group PCA and head checkpoint (docs/model.md,
+"Compatibility with the reference release")."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def import_reference(
 
     group = None
     if data is not None:
-        from blobenc.data.base import open_dataset
+        from blobenc.data import open_dataset
 
         ds = open_dataset(data)
         if ds.group.n_vertices != n_vertices:

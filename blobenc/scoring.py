@@ -1,8 +1,11 @@
-"""Per-vertex scores, computed as the Algonauts 2023 devkit does (SPEC "Scores")."""
+"""Per-vertex scores, computed as the Algonauts 2023 devkit does (docs/model.md, "Scores")."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from blobenc.data.base import Subject
+from blobenc.errors import DataError, PredictionError
 
 # The devkit replaces a noise ceiling of exactly 0 with this before dividing.
 ZERO_CEILING = 1e-14
@@ -39,3 +42,94 @@ def noise_normalized_accuracy(r: np.ndarray, noise_ceiling: np.ndarray) -> np.nd
     """
     nc = np.where(np.asarray(noise_ceiling, dtype=np.float64) == 0, ZERO_CEILING, noise_ceiling)
     return np.minimum(np.maximum(r, 0) ** 2 / nc * 100, 100)
+
+
+def roi_means(subject: Subject, values: np.ndarray) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Mean of a per-target value over each ROI of the subject, per part of its target space:
+    {group: {roi: {lh, rh}}} on a surface, {group: {roi: {all}}} otherwise. Targets without a
+    value (NaN) are left out; an ROI with none in a part is None there."""
+    values = np.asarray(values)
+    rois: dict[str, dict[str, dict[str, float | None]]] = {}
+    parts = subject.parts
+    for group, (labels, names) in subject.rois().items():
+        for label, name in sorted(names.items()):
+            if label == 0:
+                continue
+            entry = rois.setdefault(group, {}).setdefault(name, {})
+            for part, mask in parts.items():
+                vals = values[mask & (labels == label)]
+                vals = vals[np.isfinite(vals)]
+                entry[part] = float(vals.mean()) if len(vals) else None
+    return rois
+
+
+def mean_rois(per_subject: list[dict]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Average {group: {roi: {part: value}}} tables over subjects, ignoring missing entries."""
+    acc: dict = {}
+    order: dict[str, None] = {}
+    for rois in per_subject:
+        for group, entries in rois.items():
+            for roi, values in entries.items():
+                for part, v in values.items():
+                    order.setdefault(part)
+                    slot = acc.setdefault(group, {}).setdefault(roi, {}).setdefault(part, [])
+                    if v is not None:
+                        slot.append(v)
+    return {
+        g: {r: {p: (sum(v) / len(v) if (v := ps.get(p)) else None) for p in order} for r, ps in e.items()}
+        for g, e in acc.items()
+    }
+
+
+def score_subject(subject: Subject, pred: np.ndarray, split: str = "test") -> dict:
+    """Scores of one subject's (rows, n_targets) predictions against its responses.
+
+    Pearson r and R² per target always; with a noise ceiling also the devkit's noise-normalized
+    accuracy (`score`, in percent); without one `score` is None and the ROI table holds r.
+    """
+    if not subject.has_responses(split):
+        raise DataError(f"{subject.path}: no {split} responses to score against")
+    target = subject.responses(split)
+    if pred.shape != target.shape:
+        raise PredictionError(f"{subject.name}: predictions of shape {pred.shape}, responses {target.shape}")
+    r = pearson_r(pred, target)
+    r2 = r2_score(pred, target)
+    nc = subject.noise_ceiling()
+    out = {
+        "score": None,
+        "score_nonzero_nc": None,
+        "median_r": float(np.median(r)),
+        "mean_r": float(r.mean()),
+        "median_r2": float(np.median(r2)),
+        "mean_r2": float(r2.mean()),
+        "n_vertices": len(r),
+        "n_zero_nc": None,
+    }
+    if nc is None:
+        return out | {"rois": roi_means(subject, r), "rois_metric": "r"}
+    nna = noise_normalized_accuracy(r, nc)
+    nonzero = nc > 0
+    return out | {
+        "score": float(nna.mean()),
+        "score_nonzero_nc": float(nna[nonzero].mean()) if nonzero.any() else float("nan"),
+        "n_zero_nc": int((~nonzero).sum()),
+        "rois": roi_means(subject, nna),
+        "rois_metric": "score",
+    }
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarize(subjects: dict[str, dict]) -> dict:
+    """Scores of several subjects: each headline averaged over the subjects that have it."""
+    return {
+        "score": _mean([s["score"] for s in subjects.values()]),
+        "score_nonzero_nc": _mean([s["score_nonzero_nc"] for s in subjects.values()]),
+        "median_r": _mean([s["median_r"] for s in subjects.values()]),
+        "mean_r": _mean([s["mean_r"] for s in subjects.values()]),
+        "median_r2": _mean([s["median_r2"] for s in subjects.values()]),
+        "subjects": subjects,
+    }

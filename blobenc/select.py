@@ -23,11 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from blobenc.data.base import ValidationSplit, open_dataset
+from blobenc.data import open_dataset
+from blobenc.data.base import ValidationSplit
 from blobenc.errors import ConfigError
 from blobenc.files import write_json
-from blobenc.predict import PredictionStaging, predict
-from blobenc.predictions import score_subject
+from blobenc.predictions import PredictionStaging, predict
+from blobenc.scoring import score_subject
 from blobenc.train.checkpoint import resolve_run, save_weights
 from blobenc.train.fit import VAL_PRED_FILE
 

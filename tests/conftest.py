@@ -51,7 +51,7 @@ def train_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_cache(train_data, tmp_path_factory) -> Path:
     """A tiny random-init ViT's blocks 1 and 3 over train_data's images (read-only)."""
-    from blobenc.data.base import open_dataset
+    from blobenc.data import open_dataset
     from blobenc.features.extract import ExtractConfig, extract
     from blobenc.features.trunk import TrunkSpec
 

@@ -63,10 +63,10 @@ def test_only_attention_blocks_and_head_change(head_run, tmp_path):
     assert not any("embed." in k for k in before_head) and "head.embed.weight" not in after
     assert json.loads((tmp_path / "ft" / "model.json").read_text())["pca"] == "pca.safetensors"
     assert (tmp_path / "ft" / "pca.safetensors").read_bytes() == (run / "pca.safetensors").read_bytes()
-    from blobenc.run import load_model
+    from blobenc.run import load_run
 
-    head, _ = load_model(run)
-    tuned, _ = load_model(tmp_path / "ft", which="last")
+    head = load_run(run).module
+    tuned = load_run(tmp_path / "ft", which="last").module
     torch.testing.assert_close(tuned.head.embed.weight, head.embed.weight, rtol=0, atol=0)
     torch.testing.assert_close(tuned.head.embed.bias, head.embed.bias, rtol=0, atol=0)
 

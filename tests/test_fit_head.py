@@ -228,7 +228,7 @@ def test_fit_head_cli_positive_r2_and_predict(small_cache, train_data, tmp_path)
 
 
 def test_predict_cached_equals_trunk_path(small_cache, train_data, tmp_path):
-    from blobenc.predict import predict
+    from blobenc.predictions import predict
 
     fit_head(small_cache, train_data, tmp_path / "run", [cfg(epochs=1)], progress=False)
     predict(tmp_path / "run", train_data, tmp_path / "cached", "subj02", device="cpu", progress=False)
@@ -332,7 +332,7 @@ def test_resume_after_a_kill_inside_a_step_goes_on_from_the_last_checkpoint(
 
 
 def test_run_folder_holds_the_embedding_once(small_cache, train_data, tmp_path):
-    from blobenc.run import load_model
+    from blobenc.run import load_run
 
     grid = sweep_configs(cfg(epochs=2), ["lr=1e-3,3e-3"])
     fit_head(small_cache, train_data, tmp_path / "sweep", grid, checkpoint_minutes=0, progress=False)
@@ -345,7 +345,8 @@ def test_run_folder_holds_the_embedding_once(small_cache, train_data, tmp_path):
             assert not any("embed" in k for k in load_file(tdir / f"{name}.safetensors")), name
         lines = [json.loads(line) for line in (tdir / "metrics.jsonl").read_text().splitlines()]
         assert all(m["bytes_written"] > 0 and m["seconds"] > 0 and m["samples_per_s"] > 0 for m in lines)
-    model, spec = load_model(tmp_path / "sweep")
+    loaded = load_run(tmp_path / "sweep")
+    model, spec = loaded.module, loaded.spec
     torch.testing.assert_close(model.embed.weight, torch.from_numpy(pca.components_).T, rtol=0, atol=0)
     torch.testing.assert_close(model.embed.bias, torch.from_numpy(pca.mean_), rtol=0, atol=0)
     # the rebuilt model predicts as the one trained: its best weights plus the run's PCA
@@ -480,20 +481,21 @@ def test_search_draws_configs_over_the_space():
 
 def test_ensemble_predicts_the_mean_of_its_members(small_cache, train_data, tmp_path):
     from blobenc.heads import HeadEnsemble
-    from blobenc.run import load_model
+    from blobenc.run import load_run
 
     summary = fit_head(small_cache, train_data, tmp_path / "e", [cfg(epochs=2)], ensemble=3, progress=False)
     members = json.loads((tmp_path / "e" / "ensemble.json").read_text())["members"]
     assert sorted(members) == ["trial-00", "trial-01", "trial-02"] and "median_r2" in summary["ensemble"]["val"]
     seeds = [yaml_load(tmp_path / "e" / m / "config.yaml")["init_seed"] for m in sorted(members)]
     assert seeds == [0, 1, 2]
-    model, spec = load_model(tmp_path / "e")
+    loaded = load_run(tmp_path / "e")
+    model, spec = loaded.module, loaded.spec
     assert isinstance(model, HeadEnsemble) and spec["ensemble"] == members
     feats = [torch.randn(4, *s) for s in spec["kwargs"]["layer_shapes"]]
     subject = torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
         got = model(feats, subject)
-        each = [load_model(tmp_path / "e" / m)[0](feats, subject) for m in members]
+        each = [load_run(tmp_path / "e" / m).module(feats, subject) for m in members]
     torch.testing.assert_close(got, torch.stack(each).mean(0), rtol=1e-5, atol=1e-5)
     # a sweep's best 2, by validation score
     grid = sweep_configs(cfg(epochs=2), ["lr=3e-4,1e-3,3e-3"])
@@ -516,7 +518,7 @@ def test_closed_form_start(small_cache, train_data, tmp_path):
 
 
 def test_a_start_no_epoch_beats_stays_the_best(small_cache, train_data, tmp_path, monkeypatch):
-    from blobenc.run import load_model
+    from blobenc.run import load_run
 
     real = fit_mod._evaluate
     calls = {"n": 0}
@@ -531,7 +533,7 @@ def test_a_start_no_epoch_beats_stays_the_best(small_cache, train_data, tmp_path
     assert summary["best_epoch"] == -1 and summary["trials"][0]["start_median_r2"] == summary["val"]["median_r2"]
     best, last = load_file(tmp_path / "r" / "best.safetensors"), load_file(tmp_path / "r" / "last.safetensors")
     assert any(not torch.equal(best[k], last[k]) for k in best)  # trained on, but the start is kept
-    load_model(tmp_path / "r")
+    load_run(tmp_path / "r")
 
 
 def test_fit_head_bad_inputs(small_cache, train_data, tmp_path):
@@ -577,7 +579,7 @@ def _reference_files(tmp_path, n_vertices, layer_shape, n_layers=2, k=16, p=12, 
 def test_import_reference_reproduces_formula(small_cache, train_data, tmp_path):
     from blobenc.features.cache import FeatureCache
     from blobenc.reference import reference_formula
-    from blobenc.run import load_model
+    from blobenc.run import load_run
 
     ds = AlgonautsDataset(train_data)
     enc = _reference_files(tmp_path, ds.group.n_vertices, (101, 64))
@@ -596,7 +598,8 @@ def test_import_reference_reproduces_formula(small_cache, train_data, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    model, spec = load_model(tmp_path / "ref")
+    loaded = load_run(tmp_path / "ref")
+    model, spec = loaded.module, loaded.spec
     cache = FeatureCache.open(small_cache)
     feats = [cache.array(n)[:5].astype(np.float32) for n in spec["layers"]]
     expected = reference_formula({k: v.numpy() for k, v in enc.items()}, feats, subject=5)
@@ -629,7 +632,7 @@ def test_import_reference_phase2_checkpoint_carries_its_trunk(small_cache, train
     from blobenc.features.cache import FeatureCache
     from blobenc.features.trunk import LayerCapture, create_trunk, eval_transform
     from blobenc.reference import import_reference, reference_formula
-    from blobenc.run import load_model
+    from blobenc.run import load_run
 
     ds = AlgonautsDataset(train_data)
     enc = _reference_files(tmp_path, ds.group.n_vertices, (101, 64))
@@ -639,7 +642,8 @@ def test_import_reference_phase2_checkpoint_carries_its_trunk(small_cache, train
     tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in trunk.state_dict().items()}
     torch.save({"epoch": 5, "metric": 0.209, "trunk": tuned, "encoder": enc}, tmp_path / "phase2.pt")
     import_reference(tmp_path / "phase2.pt", tmp_path / "pca.pt", small_cache, tmp_path / "ref2")
-    model, spec = load_model(tmp_path / "ref2")
+    loaded = load_run(tmp_path / "ref2")
+    model, spec = loaded.module, loaded.spec
     assert spec["finetuned"]
 
     trunk.load_state_dict(tuned)  # the reference: its fine-tuned trunk's features, then the formula
@@ -847,7 +851,7 @@ def test_reuse_pca_file(small_cache, train_data, tmp_path):
 
 
 def test_config_file_device_stands_unless_the_flag_is_given(tmp_path):
-    from blobenc.cli.train import runtime_overrides
+    from blobenc.train.config import runtime_overrides
 
     path = tmp_path / "c.yaml"
     path.write_text("device: cpu\nprecision: fp32\n")
@@ -864,7 +868,7 @@ def test_predict_from_the_cache_imports_no_training_libraries(small_cache, train
 
     fit_head(small_cache, train_data, tmp_path / "run", [cfg(epochs=1)], progress=False)
     code = (
-        "import sys; from blobenc.predict import predict; "
+        "import sys; from blobenc.predictions import predict; "
         f"predict({str(tmp_path / 'run')!r}, {str(train_data)!r}, {str(tmp_path / 'pred')!r}, progress=False); "
         "print(sorted(m for m in ('timm', 'torchvision', 'sklearn') if m in sys.modules))"
     )
@@ -921,7 +925,7 @@ def test_int8_features_are_within_half_a_step_of_each_image_channel_at_half_the_
 ):
     """int8 in memory: every value within half a quantization step of its image's channel scale
     (largest magnitude over the positions / 127), ViT tokens (T, C) and CNN maps (C, H, W) with views."""
-    from blobenc.data.base import open_dataset
+    from blobenc.data import open_dataset
     from blobenc.features.cache import FeatureCache
     from blobenc.features.extract import ExtractConfig, extract
     from blobenc.train.data import CachedFeatures, feature_row_bytes

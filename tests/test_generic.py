@@ -16,7 +16,7 @@ from blobenc.cli import app
 from blobenc.data.synth import SynthConfig, write_synthetic
 from blobenc.features.extract import ExtractConfig, extract
 from blobenc.features.trunk import TrunkSpec
-from blobenc.predict import predict
+from blobenc.predictions import predict
 from blobenc.train.config import FinetuneConfig, HeadConfig, load_config
 from blobenc.train.data import SplitTargets
 from blobenc.train.fit import fit_head
@@ -412,7 +412,7 @@ def test_predict_images_folder_generic(generic_data, generic_run, tmp_path):
 
 
 def test_predict_error_part_way_leaves_out_as_it_was(generic_data, generic_run, tmp_path, monkeypatch):
-    import blobenc.predict as predict_mod
+    import blobenc.predictions as predict_mod
 
     _, run = generic_run
     out = tmp_path / "pred"

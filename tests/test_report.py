@@ -22,16 +22,16 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("nilearn")
 pytest.importorskip("jinja2")
 
-from blobenc.report import (
+from blobenc.reporting import (
     ReportError,
     figures,
-    load_run,
+    read_run,
     require_extra,
     write_report,
 )
-from blobenc.report.page import Page
-from blobenc.report.scores import layer_preference, vertex_scores
-from blobenc.report.surface import FSAVERAGE5, coarse_neighbours, fsaverage5, to_fsaverage5
+from blobenc.reporting.page import Page
+from blobenc.reporting.scores import layer_preference, vertex_scores
+from blobenc.reporting.surface import FSAVERAGE5, coarse_neighbours, fsaverage5, to_fsaverage5
 
 runner = CliRunner()
 
@@ -110,7 +110,7 @@ def test_subject_mask_lands_on_fsaverage5(data):
 
 
 def test_figure_data_equals_the_run_scores(run, data):
-    loaded = load_run(run)
+    loaded = read_run(run)
     assert loaded.kind == "fit-head" and not loaded.incomplete, loaded.notes
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     fig = figures.curves_figure([(t.name, t.metrics, t.best) for t in loaded.trials])
@@ -180,7 +180,7 @@ def test_layer_preference_of_a_banded_ridge_run(run, data, tmp_path):
             for n in ds.subjects
         )
     )
-    loaded = load_run(ridge)
+    loaded = read_run(ridge)
     assert [r["subject"] for r in loaded.ridge_rows] == list(ds.subjects)
     pref = layer_preference(loaded, ds)
     assert set(np.unique(pref["lh"][np.isfinite(pref["lh"])])) == {1.0}
@@ -227,7 +227,7 @@ def test_interrupted_run_is_reported_as_incomplete(run, data, tmp_path):
     (cut / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed mid-write
     (cut / "summary.json").write_text(json.dumps({"best_epoch": 0, "val": json.loads(lines[0])["val"], "trial": "run"}))
     (cut / "val_vertex.safetensors").unlink()
-    loaded = load_run(cut)
+    loaded = read_run(cut)
     assert loaded.incomplete and len(loaded.trials[0].metrics) == 1
     assert any("line 2 is not valid JSON" in n for n in loaded.notes)
     assert any("1 of 3 epochs" in n for n in loaded.notes)

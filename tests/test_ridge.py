@@ -13,7 +13,7 @@ from sklearn.linear_model import RidgeCV
 from typer.testing import CliRunner
 
 from blobenc.cli import app
-from blobenc.data.base import open_dataset
+from blobenc.data import open_dataset
 from blobenc.errors import ConfigError
 from blobenc.ridge import LayerScaler, check_features, loo_ridge, reduce_layer
 

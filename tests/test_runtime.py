@@ -188,7 +188,7 @@ def test_phases_nest_and_count_and_cost_nothing_when_off():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from blobenc.data.base import open_dataset
+    from blobenc.data import open_dataset
     from blobenc.data.synth import SynthConfig, write_synthetic
 
     data = write_synthetic(

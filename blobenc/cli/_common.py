@@ -76,7 +76,7 @@ ReportOpt = Annotated[
 
 def write_run_report(out: Path, quiet: bool) -> None:
     """`--report`: the run's HTML report, after the run itself is safely written."""
-    from blobenc.report import write_report
+    from blobenc.reporting import write_report
 
     with errors():
         path = write_report([out], out / "report.html")
@@ -173,17 +173,3 @@ def setup_logging(quiet: bool, log_file: Path | None = None) -> None:
         fh = _FolderOnFirstRecord(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
-
-
-def parse_bytes(text: str | None, option: str = "--max-memory") -> int | None:
-    """'512M', '8G', '1.5T' or a plain number of bytes."""
-    from blobenc.errors import ConfigError
-
-    if text is None:
-        return None
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise ConfigError(f"{option} {text!r}: expected a size such as 512M or 8G") from None

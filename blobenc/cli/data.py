@@ -9,10 +9,11 @@ import typer
 from rich.table import Table
 
 from blobenc.cli._common import DataOpt, JsonOpt, QuietOpt, SeedOpt, console, errors, setup_logging
-from blobenc.data.base import Dataset, open_dataset
+from blobenc.data import open_dataset
+from blobenc.data.base import Dataset
 from blobenc.data.synth import SynthConfig, write_synthetic
 from blobenc.files import write_json
-from blobenc.predictions import evaluate, mean_rois, submit
+from blobenc.scoring import mean_rois
 
 
 def synth_command(
@@ -124,9 +125,11 @@ def evaluate_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Score test predictions: the Algonauts 2023 devkit formula where noise ceilings exist, r and R² always."""
+    from blobenc import api
+
     setup_logging(quiet)
     with errors():
-        result = evaluate(pred_dir, open_dataset(data))
+        result = api.evaluate(pred_dir, data)
     if json_out is not None:
         write_json(json_out, result)
     normalized = result["score"] is not None
@@ -152,8 +155,10 @@ def submit_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Check every subject's test predictions and zip them in the challenge layout."""
+    from blobenc import api
+
     setup_logging(quiet)
     with errors():
-        path = submit(pred_dir, open_dataset(data), out)
+        path = api.submit(pred_dir, data, out)
     if not quiet:
         console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -23,12 +23,11 @@ from blobenc.cli._common import (
     computing,
     console,
     errors,
-    parse_bytes,
     setup_logging,
 )
-from blobenc.data.base import describe_dataset, open_dataset
-from blobenc.defaults import DEFAULT_LAYERS, DEFAULT_MODEL
-from blobenc.errors import ConfigError
+from blobenc.data import open_dataset
+from blobenc.data.base import describe_dataset
+from blobenc.defaults import DEFAULT_MODEL
 from blobenc.files import write_json
 
 # torch, timm and zarr are imported inside the commands: `blobenc --help` and completion stay fast.
@@ -65,45 +64,17 @@ def extract_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Run a timm trunk once over every image and cache several layers' activations (resumable)."""
-    from blobenc.features.cache import FeatureCache
-    from blobenc.features.extract import ExtractConfig, extract, parse_shard
-    from blobenc.features.images import list_images
-    from blobenc.features.trunk import TrunkSpec
+    from blobenc import api
 
     setup_logging(quiet)
-    with errors():
-        if (data is None) == (images is None):
-            raise ConfigError("give either DATA (a dataset root) or --images DIR, not both or neither")
-        if images is not None:
-            keys, paths = list_images(images)
-        else:
-            index = open_dataset(data).unique_images()
-            keys, paths = index.keys, list(index.paths)
-        config = ExtractConfig(
-            trunk=TrunkSpec(model, pretrained, str(weights) if weights else None, seed),
-            layers=tuple(layers or DEFAULT_LAYERS),
-            store_dtype=store_dtype,
-            pool=pool,
-            views=views,
-            crop_scale=crop_scale,
-            batch_size=batch_size,
-            num_workers=workers,
-            chunk_images=chunk_images,
-            device=device,
-            precision=precision,
-        )
-        with computing(profile, lambda: out, quiet):
-            summary = extract(
-                keys,
-                paths,
-                out,
-                config,
-                shard=parse_shard(shard),
-                overwrite=overwrite,
-                progress=not quiet,
-                max_memory=parse_bytes(max_memory),
-            )
-        info = FeatureCache.open(out, allow_incomplete=True).info()
+    with errors(), computing(profile, lambda: out, quiet):
+        summary = api.extract(
+            data, out, images=images, model=model, layers=layers, pretrained=pretrained, weights=weights,
+            seed=seed, store_dtype=store_dtype, pool=pool, views=views, crop_scale=crop_scale,
+            batch_size=batch_size, workers=workers, chunk_images=chunk_images, shard=shard, overwrite=overwrite,
+            device=device, precision=precision, max_memory=max_memory, progress=not quiet,
+        )  # fmt: skip
+    info = summary.pop("info")
     if json_out is not None:
         write_json(json_out, summary | {"info": info})
     if not quiet:

@@ -28,12 +28,12 @@ def report_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write one self-contained HTML page of runs: curves, tables, histograms and fsaverage maps."""
-    from blobenc.report import write_report
+    from blobenc import api
 
     setup_logging(quiet)
     t0 = time.perf_counter()
     with errors():
-        path = write_report(runs, out, data, predictions, title=title, subject_maps=subject_maps)
+        path = api.report(runs, out, data, predictions, title=title, subject_maps=subject_maps)
     if not quiet:
         size = path.stat().st_size / 1e6
         console.print(f"wrote {path} ({size:.1f} MB) in {time.perf_counter() - t0:.1f} s")

@@ -20,7 +20,6 @@ from blobenc.cli._common import (
     computing,
     console,
     errors,
-    parse_bytes,
     setup_logging,
     write_run_report,
 )
@@ -55,8 +54,8 @@ def fit_ridge_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a (banded) ridge per subject on cached features: the baseline every head must beat."""
+    from blobenc import api
     from blobenc.errors import ConfigError
-    from blobenc.train.ridge import RidgeConfig, fit_ridge
 
     setup_logging(quiet)
     with errors():
@@ -64,22 +63,11 @@ def fit_ridge_command(
             alpha_values = tuple(float(a) for a in alphas.split(",")) if alphas else None
         except ValueError:
             raise ConfigError(f"--alphas {alphas!r}: expected comma-separated numbers") from None
-        config = RidgeConfig(
-            features=features,
-            layers=tuple(layers) if layers else None,
-            alphas=alpha_values,
-            banded=banded,
-            n_iter=n_iter,
-            cv=cv,
-            val_fraction=val_fraction,
-            seed=seed,
-            refit=refit,
-            device=device,
-        )
         with computing(profile, lambda: out, quiet):
-            summary = fit_ridge(
-                cache, data, out, config, max_memory=parse_bytes(max_memory),
-                feature_memory=parse_bytes(feature_memory, "--feature-memory"), progress=not quiet,
+            summary = api.fit_ridge(
+                cache, data, out, features=features, layers=layers, alphas=alpha_values, banded=banded,
+                n_iter=n_iter, cv=cv, val_fraction=val_fraction, seed=seed, refit=refit, max_memory=max_memory,
+                feature_memory=feature_memory, device=device, progress=not quiet,
             )  # fmt: skip
     if summary is None:  # under torchrun only rank 0 reports
         return

@@ -26,7 +26,6 @@ from blobenc.cli._common import (
     computing,
     console,
     errors,
-    parse_bytes,
     setup_logging,
     write_run_report,
 )
@@ -40,11 +39,6 @@ CheckpointMinutesOpt = Annotated[
         help="Write the last weights and training state (for --resume) this often; also at the end and on Ctrl-C.",
     ),
 ]
-
-
-def runtime_overrides(device: str, precision: str) -> list[str]:
-    """--device/--precision as config overrides, only when given: a config file's values stand otherwise."""
-    return [f"{k}={v}" for k, v in (("device", device), ("precision", precision)) if v != "auto"]
 
 
 def validation_table(summary: dict, title: str) -> Table:
@@ -96,34 +90,16 @@ def fit_head_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit the group PCA and train the multi-subject head from a feature cache (phase 1)."""
-    from blobenc.train.config import load_config, search_configs, sweep_configs
-    from blobenc.train.fit import fit_head
+    from blobenc import api
 
     setup_logging(quiet, out / "log.txt")
-    with errors():
-        overrides = [*(set_ or []), *runtime_overrides(device, precision)]
-        if pca_components is not None:
-            overrides.append(f"proj_dim={pca_components}")
-        base = load_config(config, overrides)
-        if search:
-            configs, _ = search_configs(base, sweep or [], search)
-        else:
-            configs = sweep_configs(base, sweep or []) if sweep else [base]
-        with computing(profile, lambda: out, quiet):
-            summary = fit_head(
-                cache,
-                data,
-                out,
-                configs,
-                pca_path=pca,
-                resume=resume,
-                max_memory=parse_bytes(max_memory),
-                feature_memory=parse_bytes(feature_memory, "--feature-memory"),
-                checkpoint_minutes=checkpoint_minutes,
-                halving=2 if halving else None,
-                ensemble=ensemble,
-                progress=not quiet,
-            )
+    with errors(), computing(profile, lambda: out, quiet):
+        summary = api.fit_head(
+            cache, data, out, config=config, settings=set_, sweep=sweep, search=search, halving=halving,
+            ensemble=ensemble, pca=pca, pca_components=pca_components, resume=resume,
+            checkpoint_minutes=checkpoint_minutes, max_memory=max_memory, feature_memory=feature_memory,
+            device=device, precision=precision, progress=not quiet,
+        )  # fmt: skip
     if summary is not None and report:  # under torchrun only rank 0 reports
         write_run_report(out, quiet)
     if quiet or summary is None:
@@ -192,35 +168,24 @@ def predict_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Predict subjects' responses in their own vertex space; scores itself when test fMRI exist."""
-    from blobenc.errors import ConfigError
-    from blobenc.predict import predict
-    from blobenc.select import predict_selected
+    from blobenc import api
 
     setup_logging(quiet)
-    with errors():
-        with computing(profile, lambda: out, quiet):
-            if len(runs) > 1 or select is not None:
-                if split != "test" or images is not None or cache is not None:
-                    raise ConfigError(
-                        "--select predicts the test split from each run's own cache (no --split/--images/--cache)"
-                    )
-                selected = predict_selected(
-                    runs, data, out, select or "stack", subject, progress=not quiet,
-                    batch_size=batch_size, device=device, precision=precision,
-                    max_memory=parse_bytes(max_memory), block_images=block_images,
-                )  # fmt: skip
-                scores = selected["scores"]
-                if not quiet:
-                    console.print(selection_table(selected["selection"]))
-            else:
-                scores = predict(
-                    runs[0], data, out, subject, split, cache, batch_size, device, precision, images=images,
-                    progress=not quiet, max_memory=parse_bytes(max_memory), block_images=block_images,
-                )  # fmt: skip
-                if scores is None:  # under torchrun only rank 0 reports
-                    return
+    with errors(), computing(profile, lambda: out, quiet):
+        result = api.predict(
+            runs, data, out, subject=subject, split=split, cache=cache, images=images, batch_size=batch_size,
+            block_images=block_images, max_memory=max_memory, device=device, precision=precision,
+            select=select, progress=not quiet,
+        )  # fmt: skip
+    if result is None:  # under torchrun only rank 0 reports
+        return
+    scores = result
+    if "selection" in result:
+        scores = result["scores"]
+        if not quiet:
+            console.print(selection_table(result["selection"]))
     if scores:
-        from blobenc.predictions import summarize
+        from blobenc.scoring import summarize
 
         result = summarize(scores)
         if json_out is not None:
@@ -289,30 +254,15 @@ def finetune_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune trunk (attention blocks) and head end to end on streamed, augmented images (phase 2)."""
-    from blobenc.train.config import FinetuneConfig, load_config
-    from blobenc.train.finetune import finetune
+    from blobenc import api
 
     setup_logging(quiet, out / "log.txt")
-    with errors():
-        overrides = [*(set_ or []), *runtime_overrides(device, precision)]
-        if unfreeze:
-            overrides.append(f"unfreeze={list(unfreeze)}")
-        if freeze:
-            overrides.append(f"freeze={list(freeze)}")
-        if grad_checkpointing:
-            overrides.append("grad_checkpointing=true")
-        cfg = load_config(config, overrides, cls=FinetuneConfig)
-        with computing(profile, lambda: out, quiet):
-            summary = finetune(
-                run,
-                data,
-                out,
-                cfg,
-                resume=resume,
-                checkpoint_minutes=checkpoint_minutes,
-                progress=not quiet,
-                max_memory=parse_bytes(max_memory),
-            )
+    with errors(), computing(profile, lambda: out, quiet):
+        summary = api.finetune(
+            run, data, out, config=config, settings=set_, unfreeze=unfreeze, freeze=freeze,
+            grad_checkpointing=grad_checkpointing, resume=resume, checkpoint_minutes=checkpoint_minutes,
+            max_memory=max_memory, device=device, precision=precision, progress=not quiet,
+        )  # fmt: skip
     if summary is not None and report:
         write_run_report(out, quiet)
     if quiet or summary is None:

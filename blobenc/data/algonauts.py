@@ -29,6 +29,7 @@ from blobenc.data.base import (
     GroupSpace,
     ImageIndex,
     ValidationSplit,
+    nsd_key,
     pick_subjects,
     read_prediction_file,
     write_array,
@@ -45,11 +46,6 @@ _FMRI_FILES = {
     "train": "training_split/training_fmri/{hemi}_training_fmri.npy",
     "test": "test_split/test_fmri/{hemi}_test_fmri.npy",
 }
-
-
-def nsd_key(nsd_id: int) -> str:
-    """The image key of an NSD image: what the feature cache's rows are keyed by."""
-    return f"nsd-{nsd_id:05d}"
 
 
 def _scan_images(folder: Path, split: str) -> tuple[tuple[Path, ...], np.ndarray]:

@@ -7,7 +7,7 @@ space; the *group space* is the sorted union of the subjects' indices, the space
 the multi-subject head predict in. Targets a subject lacks are missing for it, never zero.
 
 Two layouts implement it: the Algonauts 2023 challenge folders (`blobenc.data.algonauts`) and the
-generic layout (`blobenc.data.generic`); `open_dataset` tells them apart.
+generic layout (`blobenc.data.generic`); `blobenc.data.open_dataset` tells them apart.
 """
 
 from __future__ import annotations
@@ -129,6 +129,11 @@ class ImageIndex:
         return len(self.keys)
 
 
+def nsd_key(nsd_id: int) -> str:
+    """The image key of an NSD image (Algonauts layout): what the feature cache's rows are keyed by."""
+    return f"nsd-{nsd_id:05d}"
+
+
 @dataclass(frozen=True)
 class ValidationSplit:
     """Image keys held out for validation, for every subject at once."""
@@ -153,8 +158,6 @@ class ValidationSplit:
             if "val_keys" in d:
                 keys = [str(k) for k in d["val_keys"]]
             else:  # written before image keys: NSD ids of an Algonauts dataset
-                from blobenc.data.algonauts import nsd_key
-
                 keys = [nsd_key(int(i)) for i in d["val_ids"]]
             return cls(int(d["seed"]), float(d["fraction"]), np.asarray(sorted(keys), dtype=str))
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -362,24 +365,3 @@ def pick_subjects(folder: Path, found: list[str], wanted: Sequence[str] | None) 
     if missing:
         raise DataError(f"{folder}: subject folder {missing[0]} not found; found {', '.join(found)}")
     return [s for s in found if s in wanted]
-
-
-def open_dataset(root: Path | str, subjects: Sequence[str] | None = None) -> Dataset:
-    """Open a dataset of either layout: `ROOT/dataset.yaml` with `format: blobenc-generic/1` is
-    the generic layout; `ROOT/subjNN/` folders the Algonauts 2023 layout."""
-    from blobenc.data.algonauts import AlgonautsDataset
-    from blobenc.data.generic import GENERIC_FORMAT, GenericDataset
-
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found")
-    if subjects is not None and len(set(subjects)) != len(subjects):
-        dup = next(s for s in subjects if list(subjects).count(s) > 1)
-        raise DataError(f"subject {dup!r} is given twice")
-    if (root / "dataset.yaml").is_file():
-        return GenericDataset(root, subjects)
-    if any(p.is_dir() and p.name.startswith("subj") for p in root.iterdir()):
-        return AlgonautsDataset(root, list(subjects) if subjects else None)
-    raise DataError(
-        f"{root}: neither layout: no dataset.yaml (format: {GENERIC_FORMAT}) and no subjNN folders (Algonauts 2023)"
-    )

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 N_REPEATS = 3
 _GRID = 16
 _N_FEATURES = 6
-# Real per-hemisphere challenge vertex counts (SPEC); subjects 6 and 8 drop some.
+# Real per-hemisphere vertex counts of the Algonauts 2023 challenge data; subjects 6 and 8 drop some.
 _FULL = {"fsaverage": 163842, "group": (19004, 20544), "subj06": (18978, 20220), "subj08": (18981, 20530)}
 _SMALL = {"fsaverage": 2562, "group": (300, 340), "subj06": (292, 322), "subj08": (294, 331)}
 _ROI_NAMES = {

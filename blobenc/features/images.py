@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -25,8 +26,20 @@ def list_images(folder: Path) -> tuple[list[str], list[Path]]:
     return [p.relative_to(folder).as_posix() for p in paths], paths
 
 
+def _open(image) -> Image.Image:
+    """An RGB image from a file path or an (H, W, 3) uint8 array."""
+    if isinstance(image, str | Path):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {array.dtype} of shape {array.shape}")
+    return Image.fromarray(array, "RGB")
+
+
 class ImageViews(Dataset):
-    """Item i: (row, views (V, 3, H, W), error message or '').
+    """Item i: (row, views (V, 3, H, W), error message or ''); `paths` are image files or
+    (H, W, 3) uint8 arrays.
 
     View 0 is `transform` (the eval centre crop); views 1..V-1 are `augment` drawn with
     a generator seeded by (seed, row, view), so a resumed run draws the same crops.
@@ -55,10 +68,10 @@ class ImageViews(Dataset):
         row = self.rows[i]
         path = self.paths[row]
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:
-            return row, torch.zeros(self.views, *self.input_size), f"{path}: cannot read image ({e})"
+            img = _open(path)
+        except (OSError, SyntaxError, ValueError, TypeError) as e:
+            where = path if isinstance(path, str | Path) else f"image {row}"
+            return row, torch.zeros(self.views, *self.input_size), f"{where}: cannot read image ({e})"
         out = [self.transform(img)]
         for v in range(1, self.views):
             with torch.random.fork_rng(devices=[]):

@@ -22,7 +22,7 @@ FEATURE_DTYPES = ("cache", "int8")  # how fit-head holds features in memory (tra
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Phase-1 defaults: the reference configuration (SPEC), except where measurements at small
+    """Phase-1 defaults: the reference configuration (docs/model.md), except where measurements at small
     data sizes said otherwise (docs/fit-head.md). `epochs` and `batch_size` left None are derived
     from the number of training samples (`resolve_schedule`)."""
 
@@ -78,7 +78,7 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig(HeadConfig):
-    """Phase-2 defaults (SPEC): lr 1e-5, 6 epochs, batch 192, min lr 0, attention blocks unfrozen
+    """Phase-2 defaults (docs/model.md): lr 1e-5, 6 epochs, batch 192, min lr 0, attention blocks unfrozen
     (`auto`: a trunk without them, a CNN, trains its deepest cached stage)."""
 
     epochs: int = 6
@@ -86,7 +86,7 @@ class FinetuneConfig(HeadConfig):
     lr: float = 1e-5
     min_lr_fraction: float = 0.0
     unfreeze: tuple[str, ...] = ("auto",)  # trunk parameter globs made trainable...
-    freeze: tuple[str, ...] = ()  # ...then these frozen again (every norm layer stays frozen regardless: SPEC)
+    freeze: tuple[str, ...] = ()  # ...then these frozen again (every norm layer stays frozen regardless: docs/model.md)
     crop_scale: float = 0.8
     grad_checkpointing: bool = False
     num_workers: int | None = None
@@ -170,6 +170,11 @@ def parse_value(text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def runtime_overrides(device: str, precision: str) -> list[str]:
+    """--device/--precision as config overrides, only when given: a config file's values stand otherwise."""
+    return [f"{k}={v}" for k, v in (("device", device), ("precision", precision)) if v != "auto"]
 
 
 def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadConfig) -> HeadConfig:

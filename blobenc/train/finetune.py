@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from blobenc.data.base import Dataset, ValidationSplit, open_dataset, verify_images
+from blobenc.data import open_dataset
+from blobenc.data.base import Dataset, ValidationSplit, verify_images
 from blobenc.errors import ConfigError, DataError, ModelError
 from blobenc.features.extract import default_workers
 from blobenc.features.trunk import (

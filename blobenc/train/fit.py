@@ -17,7 +17,8 @@ import yaml
 from rich.progress import TextColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from blobenc.data.base import ValidationSplit, open_dataset
+from blobenc.data import open_dataset
+from blobenc.data.base import ValidationSplit
 from blobenc.distributed import all_agree, barrier, init_from_env, is_main, rank, world_size
 from blobenc.errors import ConfigError, TrainingError
 from blobenc.features.cache import FeatureCache
@@ -104,7 +105,7 @@ def val_tables(pred: np.ndarray, data) -> tuple[dict, dict[str, torch.Tensor]]:
     averaged over the subjects' ROI masks), and per subject its own Pearson r and R² at each of its
     native vertices (`<subject>.r`, `<subject>.r2`), which `val_vertex.safetensors` keeps for maps.
     Shared by every run kind (fit-head, finetune, fit-ridge)."""
-    from blobenc.predictions import mean_rois, roi_means
+    from blobenc.scoring import mean_rois, roi_means
 
     observed = data.observed("val")
     r2 = pooled_r2(pred, data.val_target, observed)
@@ -334,7 +335,7 @@ def fit_head(
 
 def _ensemble(out: Path, trials: list, data, base, device, amp, k: int) -> dict:
     """The best k trials as one model (their best weights, predictions averaged): `ensemble.json`
-    names them for load_model/predict; returns them with the ensemble's validation scores."""
+    names them for load_run/predict; returns them with the ensemble's validation scores."""
     ranked = sorted((t for t in trials if t[0].best_state is not None), key=lambda t: -t[0].best_score)[:k]
     for trial, _ in ranked:
         load_state(trial.model, trial.best_state)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blobenc.data.base import open_dataset
+from blobenc.data import open_dataset
 from blobenc.distributed import barrier, gather_objects, init_from_env, is_main, my_share, rank, world_size
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
@@ -462,35 +462,3 @@ def load_fit(path: Path, cache: FeatureCache | None, device: torch.device) -> tu
         train_rows=rows,
     )
     return fit, rows
-
-
-class RidgeModel:
-    """A fit-ridge run as predict uses it: each subject's fit loaded on first use, predicting in the
-    subject's own target order from the run's layers (raw cache or trunk outputs)."""
-
-    def __init__(self, run_dir: Path, spec: dict):
-        self.dir, self.spec = Path(run_dir), spec
-        self.mode = spec["ridge"]["features"]
-        self.prefix = int(spec["features"].get("num_prefix_tokens") or 0)
-        self.device = torch.device("cpu")
-        self._loaded: tuple[str, tuple] | None = None  # the last subject's fit: predict asks by blocks of rows
-
-    def to(self, device: torch.device) -> RidgeModel:
-        self.device = device
-        return self
-
-    def eval(self) -> RidgeModel:
-        return self
-
-    @torch.no_grad()
-    @timed("predict")
-    def predict_subject(self, name: str, raw: list[torch.Tensor], cache: FeatureCache | None) -> np.ndarray:
-        """(n, n_targets) float32 predictions of subject `name` from per-layer features (n, *shape)."""
-        layers = self.spec["layers"]
-        if self._loaded is None or self._loaded[0] != name:
-            fit, rows = load_fit(self.dir / "weights" / f"{name}.safetensors", cache, self.device)
-            train = LayerFeatures(cache, layers, self.mode, rows, max_memory=0) if rows is not None else None
-            self._loaded = name, (fit, train)
-        fit, train = self._loaded[1]
-        reduced = [reduce_layer(x, self.mode, self.prefix, n) for x, n in zip(raw, layers, strict=True)]
-        return predict_features(fit, reduced, train, self.device).float().cpu().numpy()

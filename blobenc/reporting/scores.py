@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from blobenc.errors import ReportError
-from blobenc.report.runs import HEMIS, Run
-from blobenc.report.surface import fsaverage_targets, mean_maps, to_fsaverage5
+from blobenc.reporting.runs import HEMIS, Run
+from blobenc.reporting.surface import fsaverage_targets, mean_maps, to_fsaverage5
 
 
 def open_data(root: Path | str):
     """The dataset at `root`, either layout."""
-    from blobenc.data.base import open_dataset
+    from blobenc.data import open_dataset
 
     return open_dataset(root)
 
@@ -48,8 +48,8 @@ def score_predictions(pred_dir: Path | str, dataset) -> dict | None:
     Returns {"metric": "score"|"r", "label", "short", "subjects": {name: row}, "rois",
     "vertex": {name: per-target values}, "mean", "path"}, or None when the data has no test responses.
     """
-    from blobenc.predictions import evaluate, mean_rois, roi_means
-    from blobenc.scoring import noise_normalized_accuracy, pearson_r
+    from blobenc.predictions import evaluate
+    from blobenc.scoring import mean_rois, noise_normalized_accuracy, pearson_r, roi_means
 
     pred_dir = Path(pred_dir)
     names = dataset.prediction_subjects(pred_dir)

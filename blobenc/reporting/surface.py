@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 
 from blobenc.errors import ReportError
-from blobenc.report.runs import HEMIS
+from blobenc.reporting.runs import HEMIS
 
 FSAVERAGE5 = 10242
 NILEARN_HEMI = {"lh": "left", "rh": "right"}

@@ -1,6 +1,6 @@
 """Figure functions: each takes plain data and returns a matplotlib Figure (Agg, no pyplot state).
 
-The page (blobenc.report.page) decides what to draw; nothing here reads files except the fsaverage5
+The page (blobenc.reporting.page) decides what to draw; nothing here reads files except the fsaverage5
 meshes nilearn ships.
 """
 
@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from blobenc.report.runs import HEMIS
-from blobenc.report.surface import face_values, flat_raster, fsaverage5
+from blobenc.reporting.runs import HEMIS
+from blobenc.reporting.surface import face_values, flat_raster, fsaverage5
 
 # inflated views drawn left to right: the left hemisphere's outside, inside, underside, then the right's mirrored
 INFLATED_VIEWS = (

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blobenc.errors import ReportError
-from blobenc.report.runs import Run, check_comparable, load_run
+from blobenc.reporting.runs import Run, check_comparable, read_run
 
-__all__ = ["ReportError", "Run", "load_run", "write_report"]
+__all__ = ["ReportError", "Run", "read_run", "write_report"]
 
 logger = logging.getLogger(__name__)
 EXTRA = ("matplotlib", "nilearn", "jinja2")
@@ -47,8 +47,8 @@ def write_report(
     Training commands call it with their own run folder: `write_report([out], out / "report.html")`.
     """
     require_extra()
-    from blobenc.report.page import Page, render, write_html
-    from blobenc.report.scores import check_run_data, open_data, score_predictions
+    from blobenc.reporting.page import Page, render, write_html
+    from blobenc.reporting.scores import check_run_data, open_data, score_predictions
 
     out = Path(out)
     if not runs:
@@ -60,7 +60,7 @@ def write_report(
         raise ReportError(f"{len(predictions)} predictions folders for {len(runs)} runs: give one per run, in order")
     loaded: list[Run] = []
     for path in runs:
-        loaded.append(load_run(path, {r.label for r in loaded}))
+        loaded.append(read_run(path, {r.label for r in loaded}))
     check_comparable(loaded)
 
     notes = []

@@ -150,7 +150,7 @@ def _label(path: Path, taken: set[str]) -> str:
     return label
 
 
-def load_run(path: Path | str, taken: set[str] | None = None) -> Run:
+def read_run(path: Path | str, taken: set[str] | None = None) -> Run:
     """Read a run folder (fit-head, finetune, fit-ridge, a sweep, an imported run)."""
     path = Path(path)
     if not path.is_dir():

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from blobenc.files import atomic_path
-from blobenc.report import figures
-from blobenc.report.runs import HEMIS, Run
-from blobenc.report.scores import fsaverage_maps, layer_preference, noise_ceiling_maps, vertex_scores
-from blobenc.report.surface import mean_maps
+from blobenc.reporting import figures
+from blobenc.reporting.runs import HEMIS, Run
+from blobenc.reporting.scores import fsaverage_maps, layer_preference, noise_ceiling_maps, vertex_scores
+from blobenc.reporting.surface import mean_maps
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ def render(context: dict) -> str:
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("blobenc.report", "templates"),
+        loader=jinja2.PackageLoader("blobenc.reporting", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         trim_blocks=True,
         lstrip_blocks=True,
