@@ -42,7 +42,7 @@ from blobenc.runtime import autocast, resolve_device, resolve_precision
 from blobenc.train.config import HeadConfig, sweep_configs
 from blobenc.train.data import HeadData
 from blobenc.train.fit import fit_head
-from blobenc.train.loop import Trial, train_step
+from blobenc.train.step import Trial, train_step
 
 
 def make_trial(data: HeadData, cfg: HeadConfig, embedding: tuple, device, steps: int = 1000) -> Trial:
@@ -257,7 +257,7 @@ def pooled_ridge(data: Path, cache_path: Path, split) -> dict:
     from sklearn.linear_model import RidgeCV
 
     from blobenc.scoring import score_subject
-    from blobenc.train.loop import pooled_r2
+    from blobenc.scoring import pooled_r2
 
     ds, cache = AlgonautsDataset(data), FeatureCache.open(cache_path)
     t0 = time.perf_counter()

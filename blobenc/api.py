@@ -193,11 +193,13 @@ def fit_head(
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
+    callbacks: Sequence = (),
 ) -> dict | None:
     """Fit the group PCA and train the multi-subject head (phase 1) from a feature cache: one config
     (`config` YAML, then `settings`), a grid (`sweep`) or `search` quasi-random draws over the sweep's
     keys, trained in one pass (with `halving`, the worse half stops at each rung); `ensemble` K heads
-    averaged. Returns the run's summary (None on torchrun ranks other than 0)."""
+    averaged; `callbacks` (blobenc.train.trainer.Callback) see every step and validation. Returns
+    the run's summary (None on torchrun ranks other than 0)."""
     from blobenc.train.config import load_config, search_configs, sweep_configs
     from blobenc.train.fit import fit_head as run_fit_head
 
@@ -223,6 +225,7 @@ def fit_head(
         halving=2 if halving else None,
         ensemble=ensemble,
         progress=progress,
+        callbacks=callbacks,
     )
 
 
@@ -242,9 +245,11 @@ def finetune(
     device: str = "auto",
     precision: str = "auto",
     progress: bool = True,
+    callbacks: Sequence = (),
 ) -> dict | None:
     """Fine-tune a fit-head run's trunk (its attention blocks by default) and head end to end on
-    streamed, augmented images (phase 2). Returns the run's summary (None on other torchrun ranks)."""
+    streamed, augmented images (phase 2); `callbacks` as fit_head's. Returns the run's summary
+    (None on other torchrun ranks)."""
     from blobenc.train.config import FinetuneConfig, load_config
     from blobenc.train.finetune import finetune as run_finetune
 
@@ -265,6 +270,7 @@ def finetune(
         checkpoint_minutes=checkpoint_minutes,
         progress=progress,
         max_memory=_bytes(max_memory, "--max-memory"),
+        callbacks=callbacks,
     )
 
 

@@ -96,7 +96,7 @@ def import_reference(
         "kwargs": kwargs,
         "subjects": [f"subj{k:02d}" for k in range(1, n_subjects + 1)],
         "layers": layers,
-        "features": feats.feature_spec(),
+        "features": feats.feature_spec().to_dict(),
         "cache": str(feats.path),
         "group": group,
         "imported": {

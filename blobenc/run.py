@@ -13,6 +13,7 @@ import torch
 from blobenc.data.base import GroupSpace, Subject
 from blobenc.errors import ConfigError
 from blobenc.features.cache import FeatureCache
+from blobenc.features.spec import FeatureSpec
 from blobenc.files import read_json
 from blobenc.heads import HeadEnsemble, create_head
 from blobenc.profile import timed
@@ -33,7 +34,7 @@ class Encoder:
         self.path, self.spec = Path(path), spec
         self.subjects: list[str] = list(spec["subjects"])
         self.layers: list[str] = list(spec["layers"])
-        self.features: dict = spec["features"]
+        self.features = FeatureSpec.from_dict(spec["features"], str(self.path / "model.json"))
         # the space a group model predicts in; None for a reference imported without --data
         self.group: GroupSpace | None = GroupSpace.from_dict(spec["group"]) if spec.get("group") else None
         self.device, self.amp = torch.device("cpu"), None
@@ -147,7 +148,7 @@ class RidgeEncoder(Encoder):
     def __init__(self, path: Path, spec: dict):
         super().__init__(path, spec)
         self.mode = spec["ridge"]["features"]
-        self.prefix = int(spec["features"].get("num_prefix_tokens") or 0)
+        self.prefix = int(self.features.num_prefix_tokens or 0)
         self._loaded: tuple[str, tuple] | None = None  # the last subject's fit: predict asks by blocks of rows
 
     @timed("predict")

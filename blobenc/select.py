@@ -30,7 +30,7 @@ from blobenc.files import write_json
 from blobenc.predictions import PredictionStaging, predict
 from blobenc.scoring import score_subject
 from blobenc.train.checkpoint import resolve_run, save_weights
-from blobenc.train.fit import VAL_PRED_FILE
+from blobenc.train.validation import VAL_PRED_FILE
 
 SELECT_MODES = ("stack", "vertex", "subject")
 MAX_STACK = 8  # runs: the exact non-negative solve tries every subset of them

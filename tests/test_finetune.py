@@ -136,7 +136,7 @@ def test_finetune_refuses_other_trunk_weights(head_run, tmp_path):
     _data, run = head_run
     spec = json.loads((run / "model.json").read_text())
     spec["features"]["weights_fingerprint"] = "0" * 32
-    with pytest.raises(ModelError, match="does not match the weights its cache was made with"):
+    with pytest.raises(ModelError, match="does not match the weights the features were made with"):
         build_encoder(spec)
 
 

@@ -1,154 +1,24 @@
+"""fit-head end to end: the CLI, sweeps, ensembles, schedules, streaming, plans, int8 features, predict."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_ARGS, cfg, yaml_load
 from safetensors.torch import load_file
-from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
 from blobenc import AlgonautsDataset, ConfigError
 from blobenc.cli import app
 from blobenc.features.trunk import TrunkSpec
-from blobenc.heads import FactorizedLinear, GroupLinearEncoder, SubjectLinear, create_head, list_heads
+from blobenc.heads import create_head
 from blobenc.pca import GroupPCA
-from blobenc.train import fit as fit_mod
 from blobenc.train.checkpoint import resolve_run
 from blobenc.train.config import HeadConfig, load_config, sweep_configs
 from blobenc.train.fit import fit_head
-from blobenc.train.loop import EmbeddedTargets, embedded_mse
 
 runner = CliRunner()
-# the tiny head settings the CLI tests train with
-TINY_ARGS = [
-    "--set",
-    "batch_size=16",
-    "--set",
-    "hidden_dim=32",
-    "--set",
-    "dropout=0.2",
-    "--set",
-    "lr=3e-3",
-    "--pca-components",
-    "40",
-]
-TINY = {"epochs": 3, "batch_size": 32, "hidden_dim": 32, "proj_dim": 48, "lr": 3e-3, "dropout": 0.2}
-
-
-def cfg(**kw):
-    return HeadConfig(**(TINY | kw))
-
-
-def test_factorized_projection_equals_dense():
-    proj = FactorizedLinear(n_tokens=7, in_channels=5, out_channels=3)
-    torch.nn.init.normal_(proj.weight1)
-    x = torch.randn(4, 7, 5)
-    dense = proj.weight1[:, :, None] * proj.weight2[:, None, :]  # (K, L, C)
-    torch.testing.assert_close(proj(x), torch.einsum("blc,klc->bk", x, dense))
-
-
-def test_cnn_maps_are_tokens():
-    enc = GroupLinearEncoder([(6, 4, 4)], n_subjects=2, n_vertices=10, hidden_dim=8, proj_dim=5, dropout=0)
-    x = torch.randn(3, 6, 4, 4)
-    out = enc([x], torch.tensor([0, 1, 0]))
-    assert out.shape == (3, 10)
-    enc.eval()
-    tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C): position-major, channels last
-    torch.testing.assert_close(enc.feat_projs[0](x), enc.feat_projs[0](tokens))
-    assert enc.feat_projs[0].proj.weight1.shape == (8, 16) and enc.feat_projs[0].proj.weight2.shape == (8, 6)
-
-
-def test_subject_selection():
-    layer = SubjectLinear(in_dim=4, out_dim=3, n_subjects=5)
-    h = torch.randn(6, 4)
-    subject = torch.tensor([0, 4, 2, 2, 1, 3])
-    out = layer(h, subject)
-    w = layer.fc.weight.view(5, 3, 4)
-    b = layer.fc.bias.view(5, 3)
-    for i, s in enumerate(subject.tolist()):
-        torch.testing.assert_close(out[i], w[s] @ h[i] + b[s])
-
-
-def embedded_loss(z, subject, target, weight, bias, masks):
-    """The loss training uses, from group-space targets (zeros where a subject lacks a vertex)."""
-    y = (target - bias) * masks[subject]
-    gram = torch.stack([weight.T @ (weight * m[:, None]) for m in masks])
-    targets = EmbeddedTargets(y @ weight, (y * y).sum(1), gram, masks.sum(1))
-    return embedded_mse(z, subject, targets.r, targets.q, targets)
-
-
-def test_embedded_loss_is_the_masked_group_mse_and_ignores_missing_vertices():
-    torch.manual_seed(0)
-    n_vertices, p = 50, 7
-    weight, bias = torch.randn(n_vertices, p, dtype=torch.float64), torch.randn(n_vertices, dtype=torch.float64)
-    masks = torch.ones(3, n_vertices, dtype=torch.float64)
-    masks[1, 10:25] = 0  # subject 1 lacks 15 vertices
-    subject = torch.tensor([0, 1, 1, 2, 1])
-    target = torch.randn(5, n_vertices, dtype=torch.float64) * masks[subject]
-    z = torch.randn(5, p, dtype=torch.float64, requires_grad=True)
-    loss = embedded_loss(z, subject, target, weight, bias, masks)
-    mask = masks[subject].bool()
-    z_ref = z.detach().clone().requires_grad_(True)
-    reference = (((z_ref @ weight.T + bias) - target)[mask] ** 2).mean()  # masked MSE in group space
-    torch.testing.assert_close(loss, reference)
-    loss.backward()
-    reference.backward()
-    torch.testing.assert_close(z.grad, z_ref.grad)
-    changed = target.clone()
-    changed[1, 10:25] = 1e6  # garbage where the subject has no vertex
-    assert embedded_loss(z, subject, changed, weight, bias, masks).item() == pytest.approx(loss.item())
-
-
-def test_head_registry():
-    assert "group_linear" in list_heads()
-    with pytest.raises(ConfigError, match="head 'ridge9' is not registered; valid: group_linear"):
-        create_head("ridge9")
-
-
-def test_pca_matches_sklearn_and_torch_agrees():
-    rng = np.random.default_rng(0)
-    Y = (rng.normal(size=(200, 8)) @ rng.normal(size=(8, 60)) + 0.1 * rng.normal(size=(200, 60))).astype(np.float32)
-    ours = GroupPCA(8, backend="sklearn").fit(Y)
-    ref = PCA(8, svd_solver="full").fit(Y)
-    np.testing.assert_allclose(ours.explained_variance_, ref.explained_variance_, rtol=1e-4)
-    np.testing.assert_allclose(np.abs(ours.components_ @ ref.components_.T), np.eye(8), atol=1e-4)
-    torch_pca = GroupPCA(8, backend="torch").fit(Y)
-    np.testing.assert_allclose(torch_pca.explained_variance_, ref.explained_variance_, rtol=1e-3)
-    np.testing.assert_allclose(
-        torch_pca.inverse_transform(torch_pca.transform(Y)), ours.inverse_transform(ours.transform(Y)), atol=1e-3
-    )
-
-
-def test_pca_missing_vertices_are_not_zeros():
-    rng = np.random.default_rng(1)
-    Y = (rng.normal(size=(300, 3)) @ rng.normal(size=(3, 40)) + 5).astype(np.float32)
-    mask = np.ones_like(Y, dtype=bool)
-    mask[:150, 30:] = False  # half the samples (one "subject") lack the last 10 vertices
-    observed = np.where(mask, Y, 0)
-    em = GroupPCA(3, n_iter=10).fit(observed, mask)
-    zeros = GroupPCA(3, n_iter=0).fit(observed)  # what treating missing as zero responses would give
-    complete = GroupPCA(3).fit(Y)
-    assert np.abs(em.mean_ - complete.mean_).max() < 1e-2
-    assert np.abs(zeros.mean_ - complete.mean_).max() > 1
-    # the EM components span the true subspace
-    proj = em.components_ @ complete.components_.T
-    np.testing.assert_allclose(np.linalg.svd(proj, compute_uv=False), 1, atol=1e-2)
-    # in place (what fit-head does with its temporary targets): the same fit, Y's gaps imputed
-    work = observed.copy()
-    in_place = GroupPCA(3, n_iter=10).fit(work, mask, copy=False)
-    np.testing.assert_array_equal(in_place.components_, em.components_)
-    assert np.abs(work[:150, 30:] - Y[:150, 30:]).max() < 0.1 and (work[mask] == observed[mask]).all()
-
-
-def test_pca_save_load(small_data, tmp_path):
-    ds = AlgonautsDataset(small_data)
-    Y = np.random.default_rng(0).normal(size=(20, ds.group.n_vertices)).astype(np.float32)
-    pca = GroupPCA(5).fit(Y)
-    pca.group = ds.group
-    pca.save(tmp_path / "p.safetensors")
-    back = GroupPCA.load(tmp_path / "p.safetensors")
-    np.testing.assert_array_equal(back.components_, pca.components_)
-    assert back.group.same_as(ds.group)
 
 
 def test_reference_config_keys_and_bad_values(tmp_path):
@@ -257,80 +127,6 @@ def test_sweep_trials_equal_solo_runs(small_cache, train_data, tmp_path):
     assert resolve_run(tmp_path / "sweep") == tmp_path / "sweep" / sweep["best"]
 
 
-def _same_weights(a_path, b_path):
-    a, b = load_file(a_path), load_file(b_path)
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-
-
-def load_file_meta(path):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
-
-
-def _interrupt_at(monkeypatch, step: int, raw: bool = False):
-    """Interrupt training at optimizer step `step`: a Ctrl-C (SIGINT, which the loop defers to the
-    end of the batch) or, with `raw`, a KeyboardInterrupt raised inside the step itself."""
-    import signal
-
-    real = fit_mod.train_step
-    calls = {"n": 0}
-
-    def step_then_interrupt(*args):
-        calls["n"] += 1
-        if calls["n"] == step:
-            if raw:
-                raise KeyboardInterrupt
-            signal.raise_signal(signal.SIGINT)
-        return real(*args)
-
-    monkeypatch.setattr(fit_mod, "train_step", step_then_interrupt)
-
-
-def test_resume_after_ctrl_c_mid_epoch_equals_uninterrupted(small_cache, train_data, tmp_path, monkeypatch):
-    config = [cfg(epochs=4)]  # 6 batches an epoch
-    fit_head(small_cache, train_data, tmp_path / "whole", config, progress=False)
-    _interrupt_at(monkeypatch, 9)  # epoch 1 after 3 of its batches; no periodic checkpoint before it
-    with pytest.raises(KeyboardInterrupt):
-        fit_head(small_cache, train_data, tmp_path / "cut", config, checkpoint_minutes=60, progress=False)
-    monkeypatch.undo()
-    state = json.loads(load_file_meta(tmp_path / "cut" / "state.safetensors")["batch"])
-    assert state == 3 and not (tmp_path / "cut" / "val_vertex.safetensors").exists()
-    with pytest.raises(ConfigError, match="exists and is not empty; use --resume"):
-        fit_head(small_cache, train_data, tmp_path / "cut", config, progress=False)
-    with pytest.raises(ConfigError, match="--resume with other settings"):
-        fit_head(small_cache, train_data, tmp_path / "cut", [cfg(epochs=5)], resume=True, progress=False)
-    fit_head(small_cache, train_data, tmp_path / "cut", config, resume=True, progress=False)
-    for name in ("last.safetensors", "best.safetensors"):
-        _same_weights(tmp_path / "whole" / name, tmp_path / "cut" / name)
-    whole, cut = (
-        [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-        for d in ("whole", "cut")
-    )
-    assert [m["epoch"] for m in cut] == [0, 1, 2, 3]
-    for a, b in zip(whole, cut, strict=True):  # the interrupted epoch's loss counts the batches of both halves
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val"]["median_r2"] == pytest.approx(b["val"]["median_r2"], abs=1e-5)
-
-
-def test_resume_after_a_kill_inside_a_step_goes_on_from_the_last_checkpoint(
-    small_cache, train_data, tmp_path, monkeypatch
-):
-    config = [cfg(epochs=3)]
-    fit_head(small_cache, train_data, tmp_path / "whole", config, progress=False)
-    _interrupt_at(monkeypatch, 10, raw=True)  # inside epoch 2: its state is not written half-stepped
-    with pytest.raises(KeyboardInterrupt):
-        fit_head(small_cache, train_data, tmp_path / "cut", config, checkpoint_minutes=0, progress=False)
-    monkeypatch.undo()
-    fit_head(small_cache, train_data, tmp_path / "cut", config, resume=True, progress=False)
-    _same_weights(tmp_path / "whole" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2]
-
-
 def test_run_folder_holds_the_embedding_once(small_cache, train_data, tmp_path):
     from blobenc.run import load_run
 
@@ -393,80 +189,6 @@ def test_derived_schedule_is_recorded(small_cache, train_data, tmp_path):
     assert yaml_load(tmp_path / "r" / "config.yaml")["batch_size"] == resolved["batch_size"]
 
 
-def yaml_load(path):
-    import yaml
-
-    return yaml.safe_load(path.read_text())
-
-
-def test_early_stopping_restores_the_best_weights(small_cache, train_data, tmp_path, monkeypatch):
-    scripted = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])  # best at epoch 1, then 2 epochs without a better one
-    weights = {}
-    real_evaluate, real_predictions = fit_mod._evaluate, fit_mod._val_predictions
-
-    def evaluate(trials, *args):
-        out = real_evaluate(trials, *args)
-        epoch = sum(isinstance(k, int) for k in weights)
-        weights[epoch] = {k: v.detach().cpu().clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
-        return [v | {"median_r2": next(scripted)} for v in out]
-
-    def predictions(trials, *args):  # the last call: the best trial's tables at the end of the run
-        weights["final"] = {k: v.detach().cpu().clone() for k, v in fit_mod.trained_state(trials[0].model).items()}
-        return real_predictions(trials, *args)
-
-    monkeypatch.setattr(fit_mod, "_evaluate", evaluate)
-    monkeypatch.setattr(fit_mod, "_val_predictions", predictions)
-    config = [cfg(epochs=8, patience=2, init="random")]  # a random start is not validated: the script is per epoch
-    summary = fit_head(small_cache, train_data, tmp_path / "r", config, progress=False)
-    assert summary["best_epoch"] == 1 and summary["trials"][0]["epochs"] == 4
-    assert "early stop after epoch 3" in summary["trials"][0]["stopped"]
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1, 2, 3]
-    best = load_file(tmp_path / "r" / "best.safetensors")
-    for k, v in weights[1].items():  # the best epoch's weights: in the file and in the model at the end
-        torch.testing.assert_close(best[k], v, rtol=0, atol=0)
-        torch.testing.assert_close(weights["final"][k], v, rtol=0, atol=0)
-    assert any(not torch.equal(weights[3][k], v) for k, v in weights[1].items())
-
-
-def test_halving_stops_the_worse_half_and_the_survivor_trains_as_alone(small_cache, train_data, tmp_path):
-    grid = sweep_configs(cfg(epochs=4, init="random"), ["lr=3e-4,1e-3,3e-3,1e-2"])  # ranks from the epochs alone
-    summary = fit_head(small_cache, train_data, tmp_path / "h", grid, halving=2, progress=False)
-    assert fit_mod.halving_rungs(4, 4) == {0: 1, 1: 1}  # keep 2 after epoch 0, then 1 after epoch 1
-    curves = {}
-    for k in range(4):
-        lines = (tmp_path / "h" / f"trial-{k:02d}" / "metrics.jsonl").read_text().splitlines()
-        curves[k] = [json.loads(line)["val"]["median_r2"] for line in lines]
-    after_0 = sorted(range(4), key=lambda k: -curves[k][0])[:2]  # the best 2 by epoch 0
-    after_1 = max(after_0, key=lambda k: max(curves[k][:2]))
-    assert {k for k in range(4) if len(curves[k]) == 1} == set(range(4)) - set(after_0)
-    assert {k for k in range(4) if len(curves[k]) == 2} == set(after_0) - {after_1}
-    assert len(curves[after_1]) == 4
-    rows = {r["dir"]: r for r in summary["trials"]}
-    assert all(rows[f"trial-{k:02d}"]["stopped"].startswith("halving") for k in range(4) if k != after_1)
-    steps = [r["steps"] for r in summary["trials"]]
-    assert sum(steps) <= 2.5 * max(steps)  # 4 configs: (1 + 1/2 + 1/2 x 2/4 ...) of one trial's steps
-    solo = fit_head(small_cache, train_data, tmp_path / "solo", [grid[after_1]], progress=False)
-    _same_weights(tmp_path / "h" / f"trial-{after_1:02d}" / "last.safetensors", tmp_path / "solo" / "last.safetensors")
-    assert solo["trials"][0]["median_r2"] == pytest.approx(rows[f"trial-{after_1:02d}"]["median_r2"], abs=1e-6)
-    for k in range(4):  # every trial's checkpoints are written, the halved ones' too
-        for name in ("best.safetensors", "last.safetensors", "state.safetensors", "summary.json"):
-            assert (tmp_path / "h" / f"trial-{k:02d}" / name).is_file()
-
-
-def test_halving_run_resumes_after_ctrl_c(small_cache, train_data, tmp_path, monkeypatch):
-    grid = sweep_configs(cfg(epochs=4, init="random"), ["lr=3e-4,1e-3,3e-3,1e-2"])
-    fit_head(small_cache, train_data, tmp_path / "whole", grid, halving=2, progress=False)
-    _interrupt_at(monkeypatch, 40)  # 4 trials x 6 batches, 2 x 6, then the survivor's 4th batch of epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        fit_head(small_cache, train_data, tmp_path / "cut", grid, halving=2, progress=False)
-    monkeypatch.undo()
-    fit_head(small_cache, train_data, tmp_path / "cut", grid, halving=2, resume=True, progress=False)
-    for k in range(4):
-        for name in ("best.safetensors", "last.safetensors"):
-            _same_weights(tmp_path / "whole" / f"trial-{k:02d}" / name, tmp_path / "cut" / f"trial-{k:02d}" / name)
-
-
 def test_search_draws_configs_over_the_space():
     from blobenc.train.config import search_configs
 
@@ -517,25 +239,6 @@ def test_closed_form_start(small_cache, train_data, tmp_path):
             assert row["start_median_r2"] is not None and row["median_r2"] >= row["start_median_r2"]
 
 
-def test_a_start_no_epoch_beats_stays_the_best(small_cache, train_data, tmp_path, monkeypatch):
-    from blobenc.run import load_run
-
-    real = fit_mod._evaluate
-    calls = {"n": 0}
-
-    def worse_after_the_start(trials, *args):
-        calls["n"] += 1
-        out = real(trials, *args)
-        return out if calls["n"] == 1 else [v | {"median_r2": -1.0} for v in out]
-
-    monkeypatch.setattr(fit_mod, "_evaluate", worse_after_the_start)
-    summary = fit_head(small_cache, train_data, tmp_path / "r", [cfg(epochs=2, init="ridge")], progress=False)
-    assert summary["best_epoch"] == -1 and summary["trials"][0]["start_median_r2"] == summary["val"]["median_r2"]
-    best, last = load_file(tmp_path / "r" / "best.safetensors"), load_file(tmp_path / "r" / "last.safetensors")
-    assert any(not torch.equal(best[k], last[k]) for k in best)  # trained on, but the start is kept
-    load_run(tmp_path / "r")
-
-
 def test_fit_head_bad_inputs(small_cache, train_data, tmp_path):
     res = runner.invoke(
         app,
@@ -553,128 +256,6 @@ def test_fit_head_bad_inputs(small_cache, train_data, tmp_path):
     )
     assert res.exit_code == 1 and "1 validation samples; at least 2 of each are needed" in res.output, res.output
     assert "change val_fraction" in res.output and not (out / "best.safetensors").exists()
-
-
-def _reference_files(tmp_path, n_vertices, layer_shape, n_layers=2, k=16, p=12, n_subjects=8):
-    g = torch.Generator().manual_seed(0)
-    enc = {}
-    for i in range(n_layers):
-        enc[f"feat_projs.{i}.proj.weight1"] = torch.randn(k, layer_shape[0], generator=g) / layer_shape[0]
-        enc[f"feat_projs.{i}.proj.weight2"] = torch.randn(k, layer_shape[1], generator=g) / 8
-        enc[f"feat_projs.{i}.norm.weight"] = torch.rand(k, generator=g) + 0.5
-        enc[f"feat_projs.{i}.norm.bias"] = torch.randn(k, generator=g)
-        enc[f"feat_projs.{i}.norm.running_mean"] = torch.randn(k, generator=g)
-        enc[f"feat_projs.{i}.norm.running_var"] = torch.rand(k, generator=g) + 0.5
-        enc[f"feat_projs.{i}.norm.num_batches_tracked"] = torch.tensor(100)
-    enc["shared_proj.weight"] = torch.randn(p, k, generator=g)
-    enc["subj_proj.fc.weight"] = torch.randn(n_subjects * p, k, generator=g)
-    enc["subj_proj.fc.bias"] = torch.randn(n_subjects * p, generator=g)
-    enc["embed.weight"] = torch.randn(n_vertices, p, generator=g)
-    enc["embed.bias"] = torch.randn(n_vertices, generator=g)
-    torch.save({"epoch": 39, "metric": 0.204, "trunk": None, "encoder": enc}, tmp_path / "ckpt.pt")
-    torch.save({"weight": enc["embed.weight"], "bias": enc["embed.bias"]}, tmp_path / "pca.pt")
-    return enc
-
-
-def test_import_reference_reproduces_formula(small_cache, train_data, tmp_path):
-    from blobenc.features.cache import FeatureCache
-    from blobenc.reference import reference_formula
-    from blobenc.run import load_run
-
-    ds = AlgonautsDataset(train_data)
-    enc = _reference_files(tmp_path, ds.group.n_vertices, (101, 64))
-    res = runner.invoke(
-        app,
-        [
-            "import-reference",
-            "--checkpoint",
-            str(tmp_path / "ckpt.pt"),
-            "--pca",
-            str(tmp_path / "pca.pt"),
-            "--cache",
-            str(small_cache),
-            "--out",
-            str(tmp_path / "ref"),
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    loaded = load_run(tmp_path / "ref")
-    model, spec = loaded.module, loaded.spec
-    cache = FeatureCache.open(small_cache)
-    feats = [cache.array(n)[:5].astype(np.float32) for n in spec["layers"]]
-    expected = reference_formula({k: v.numpy() for k, v in enc.items()}, feats, subject=5)
-    with torch.no_grad():
-        got = model([torch.from_numpy(f) for f in feats], torch.full((5,), 5)).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
-    # and predict runs on it, in each subject's native space
-    res = runner.invoke(
-        app,
-        [
-            "predict",
-            str(tmp_path / "ref"),
-            "--data",
-            str(train_data),
-            "--subject",
-            "subj02",
-            "--out",
-            str(tmp_path / "pred"),
-            "--quiet",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    assert np.load(tmp_path / "pred/subj02/lh_pred_test.npy").shape == (10, ds.subjects["subj02"].n_vertices["lh"])
-
-
-def test_import_reference_phase2_checkpoint_carries_its_trunk(small_cache, train_data, tmp_path):
-    from PIL import Image
-
-    from blobenc import ModelError
-    from blobenc.features.cache import FeatureCache
-    from blobenc.features.trunk import LayerCapture, create_trunk, eval_transform
-    from blobenc.reference import import_reference, reference_formula
-    from blobenc.run import load_run
-
-    ds = AlgonautsDataset(train_data)
-    enc = _reference_files(tmp_path, ds.group.n_vertices, (101, 64))
-    cache = FeatureCache.open(small_cache)
-    trunk = create_trunk(TrunkSpec(**cache.attrs["trunk"]))
-    g = torch.Generator().manual_seed(1)
-    tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in trunk.state_dict().items()}
-    torch.save({"epoch": 5, "metric": 0.209, "trunk": tuned, "encoder": enc}, tmp_path / "phase2.pt")
-    import_reference(tmp_path / "phase2.pt", tmp_path / "pca.pt", small_cache, tmp_path / "ref2")
-    loaded = load_run(tmp_path / "ref2")
-    model, spec = loaded.module, loaded.spec
-    assert spec["finetuned"]
-
-    trunk.load_state_dict(tuned)  # the reference: its fine-tuned trunk's features, then the formula
-    paths = ds.subjects["subj01"].images["test"][:3]
-    x = torch.stack([eval_transform(cache.attrs["preprocessing"])(Image.open(p).convert("RGB")) for p in paths])
-    with torch.no_grad():
-        feats = LayerCapture(trunk, spec["layers"])(x)
-        got = model([x], torch.full((3,), 2)).numpy()
-    expected = reference_formula(
-        {k: v.numpy() for k, v in enc.items()}, [feats[n].numpy() for n in spec["layers"]], subject=2
-    )
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
-
-    torch.save({"trunk": {"head.weight": torch.zeros(2)}, "encoder": enc}, tmp_path / "other.pt")
-    with pytest.raises(ModelError, match="other.pt: its trunk does not fit test_vit"):
-        import_reference(tmp_path / "other.pt", tmp_path / "pca.pt", small_cache, tmp_path / "ref3")
-
-
-class _Payload:
-    def __reduce__(self):
-        return (print, ("pwned",))
-
-
-def test_import_reference_refuses_pickled_code(small_cache, tmp_path):
-    from blobenc import ModelError
-    from blobenc.reference import import_reference
-
-    torch.save({"encoder": _Payload()}, tmp_path / "evil.pt")
-    torch.save({"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}, tmp_path / "pca.pt")
-    with pytest.raises(ModelError, match="evil.pt: not a torch weights file"):
-        import_reference(tmp_path / "evil.pt", tmp_path / "pca.pt", small_cache, tmp_path / "out")
 
 
 def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data, tmp_path):
@@ -711,10 +292,15 @@ def test_streaming_path_trains_and_matches_memory_scores(small_cache, train_data
     ref = mem.features_of("val", idx)
     for a, b in zip(feats, ref, strict=True):
         torch.testing.assert_close(a, b)
-    config = [cfg(epochs=6, batch_size=16)]
+    config = [cfg(epochs=10, batch_size=16, init="random")]  # a closed-form start would be the same for both
     streamed = fit_head(small_cache, train_data, tmp_path / "s", config, feature_memory=1 << 20, progress=False)
     in_memory = fit_head(small_cache, train_data, tmp_path / "m", config, progress=False)
-    assert streamed["val"]["median_r2"] > 0 and in_memory["val"]["median_r2"] > 0
+    # the same steps over the same samples in another order (chunks through a shuffle buffer): it
+    # learns as the in-memory path does (features and targets that did not match would score ~0)
+    assert streamed["trials"][0]["steps"] == in_memory["trials"][0]["steps"]
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.8 * losses[0]
+    assert streamed["val"]["median_r2"] > 0.5 * in_memory["val"]["median_r2"] > 0
 
 
 @pytest.mark.slow
@@ -787,33 +373,6 @@ def test_predict_images_folder(small_cache, train_data, tmp_path):
     order = [p.name for p in sorted((train_data / "subj03/test_split/test_images").iterdir())]
     rows = [order.index(s.name) for s in sources]  # the test images are shared by every subject
     np.testing.assert_allclose(got, ref[rows], rtol=1e-3, atol=1e-3)
-
-
-def test_non_finite_loss_stops_and_keeps_best(small_cache, train_data, tmp_path, monkeypatch):
-    import blobenc.train.loop as loop
-
-    real = loop.embedded_mse
-    calls = {"n": 0}
-
-    def poisoned(*args):
-        calls["n"] += 1
-        return real(*args) * (float("nan") if calls["n"] > 4 else 1.0)
-
-    monkeypatch.setattr(loop, "embedded_mse", poisoned)
-    from blobenc.errors import TrainingError
-
-    config = cfg(epochs=3, batch_size=64, init="random")
-    summary = fit_head(small_cache, train_data, tmp_path / "r", [config], progress=False)
-    assert "loss became nan" in summary["trials"][0]["failed"]
-    assert (tmp_path / "r/best.safetensors").is_file() and summary["best_epoch"] >= 0
-    calls["n"] = 10  # from the first step: no epoch ever finishes
-    with pytest.raises(TrainingError, match="every trial stopped: loss became nan at epoch 0"):
-        fit_head(
-            small_cache, train_data, tmp_path / "r2", [cfg(epochs=2, batch_size=64, init="random")], progress=False
-        )
-    calls["n"] = 10  # a closed-form start was validated before any step: it stands
-    summary = fit_head(small_cache, train_data, tmp_path / "r3", [cfg(epochs=2, batch_size=64)], progress=False)
-    assert summary["best_epoch"] == -1 and "loss became nan at epoch 0" in summary["trials"][0]["failed"]
 
 
 def test_reuse_pca_file(small_cache, train_data, tmp_path):

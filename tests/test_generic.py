@@ -474,7 +474,8 @@ def test_predict_refuses_a_cache_that_does_not_fit_the_run(generic_data, generic
     res = runner.invoke(
         app, ["predict", str(run), "--data", str(generic_data), "--out", str(tmp_path / "p"), "--cache", str(pooled)]
     )
-    assert res.exit_code == 1 and "pool is 2, the run was trained with None" in res.output
+    assert res.exit_code == 1 and "pooled: not the features the run was trained on: pool 2 vs None;" in res.output
+    assert "layer blocks.1 shape [5, 64] vs [101, 64]" in res.output
     assert not (tmp_path / "p").exists()
 
 

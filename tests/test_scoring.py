@@ -38,7 +38,7 @@ def test_noise_normalized_by_hand():
 def test_pooled_r2_by_hand():
     """Each group vertex's R² pools every validation sample whose subject has it; a vertex a
     subject lacks ignores that subject's rows, whatever they hold."""
-    from blobenc.train.loop import observed_mask, pooled_r2, validation_scores
+    from blobenc.scoring import observed_mask, pooled_r2, validation_scores
 
     subject = np.array([0, 0, 1, 1])
     group_index = {"a": np.array([0, 1, 2]), "b": np.array([0, 1])}  # b lacks vertex 2

@@ -22,6 +22,7 @@ import zarr
 from zarr.codecs import BytesCodec
 
 from blobenc.errors import CacheError
+from blobenc.features.spec import FeatureSpec
 
 FORMAT = "blobenc.features"
 VERSION = 1
@@ -163,20 +164,9 @@ class FeatureCache:
         except KeyError as e:
             raise CacheError(f"{self.path}: image {e.args[0]} is not in the cache") from None
 
-    def feature_spec(self) -> dict:
-        """What a head trained on this cache needs to rebuild its inputs: trunk, weights, preprocessing."""
-        keys = (
-            "model",
-            "trunk",
-            "weights_fingerprint",
-            "preprocessing",
-            "pool",
-            "num_prefix_tokens",
-            "layer_shapes",
-            "views",
-            "dtype",
-        )
-        return {k: self.attrs[k] for k in keys}
+    def feature_spec(self) -> FeatureSpec:
+        """What a model trained on this cache needs to rebuild its inputs: trunk, weights, preprocessing."""
+        return FeatureSpec.from_dict(dict(self.attrs), str(self.path))
 
     def array(self, layer: str) -> zarr.Array:
         return self.group[layer]

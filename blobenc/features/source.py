@@ -14,31 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from blobenc.errors import CacheError, ModelError
+from blobenc.errors import CacheError
 from blobenc.features.cache import FeatureCache
+from blobenc.features.spec import FeatureSpec
 from blobenc.profile import timed
 from blobenc.runtime import autocast
 
 logger = logging.getLogger(__name__)
-
-
-def check_cache_fits(cache: FeatureCache, features: dict, layers: Sequence[str]) -> None:
-    """The cache holds `layers` as a model trained on `features` (a feature spec) read them: the same
-    trunk weights, pooling, preprocessing and layer shapes; the error names what differs."""
-    if cache.attrs["weights_fingerprint"] != features["weights_fingerprint"]:
-        raise CacheError(f"{cache.path}: made with other trunk weights than the run was trained on")
-    missing = [n for n in layers if n not in cache.layers]
-    if missing:
-        raise CacheError(f"{cache.path}: no layer {missing[0]!r}; the run needs {', '.join(layers)}")
-    for key in ("pool", "preprocessing", "num_prefix_tokens"):
-        if cache.attrs.get(key) != features.get(key):
-            raise CacheError(
-                f"{cache.path}: {key} is {cache.attrs.get(key)!r}, the run was trained with {features.get(key)!r}"
-            )
-    for name in layers:
-        have, want = list(cache.attrs["layer_shapes"][name]), list(features["layer_shapes"][name])
-        if have != want:
-            raise CacheError(f"{cache.path}: layer {name} has shape {have}, the run was trained on {want}")
 
 
 def _image_batches(images: Sequence, prep: dict, batch_size: int):
@@ -61,45 +43,38 @@ class FeatureSource:
 
     takes_images = False
 
-    def __init__(self, features: dict, layers: Sequence[str], cache: FeatureCache | None, device, amp):
+    def __init__(self, features: FeatureSpec, layers: Sequence[str], cache: FeatureCache | None, device, amp):
         self.spec, self.layers, self.device, self.amp = features, list(layers), device, amp
         if cache is not None:
-            check_cache_fits(cache, features, self.layers)
+            cache.feature_spec().check_serves(features, self.layers, str(cache.path))
         self.cache = cache
         self._trunk = None
 
     def row_bytes(self) -> tuple[int, int]:
         """Bytes of one image's inputs as float32, and as stored."""
-        shapes = [int(np.prod(self.spec["layer_shapes"][n])) for n in self.layers]
-        return 4 * sum(shapes), np.dtype(self.spec["dtype"]).itemsize * sum(shapes)
+        shapes = [int(np.prod(self.spec.layer_shapes[n])) for n in self.layers]
+        return 4 * sum(shapes), np.dtype(self.spec.dtype).itemsize * sum(shapes)
 
     @timed("trunk")
     def _trunk_features(self, images: Sequence, batch_size: int) -> list[np.ndarray]:
-        from blobenc.features.trunk import LayerCapture, TrunkSpec, create_trunk, pool_features
-        from blobenc.features.trunk import weights_fingerprint as fingerprint
+        from blobenc.features.trunk import LayerCapture, pool_features
 
         feats = self.spec
         if self._trunk is None:
-            trunk = create_trunk(TrunkSpec(**feats["trunk"]))
-            if fingerprint(trunk) != feats["weights_fingerprint"]:
-                raise ModelError(
-                    f"the rebuilt trunk {feats['model']} does not match the weights the run was "
-                    "trained on (fingerprint differs); give --cache or the same --weights"
-                )
-            self._trunk = trunk.to(self.device)
+            self._trunk = feats.create_trunk().to(self.device)
         capture = LayerCapture(self._trunk, self.layers)
         out: list[list[np.ndarray]] = [[] for _ in self.layers]
         try:
             with torch.inference_mode():
-                for x in _image_batches(images, feats["preprocessing"], batch_size):
+                for x in _image_batches(images, feats.preprocessing, batch_size):
                     with autocast(self.device, self.amp):
                         got = capture(x.to(self.device))
                     for j, name in enumerate(self.layers):
                         f = got[name]
-                        if feats["pool"]:
-                            f = pool_features(f, feats["pool"], feats["num_prefix_tokens"])
+                        if feats.pool:
+                            f = pool_features(f, feats.pool, feats.num_prefix_tokens)
                         # the head was trained on the cache's dtype: round the same way
-                        out[j].append(f.to(getattr(torch, feats["dtype"])).cpu().numpy())
+                        out[j].append(f.to(getattr(torch, feats.dtype)).cpu().numpy())
         finally:
             capture.remove()
         return [np.concatenate(o) for o in out]
@@ -146,8 +121,8 @@ class ImageSource:
     takes_images = True
     cache = None
 
-    def __init__(self, features: dict):
-        self.prep = features["preprocessing"]
+    def __init__(self, features: FeatureSpec):
+        self.prep = features.preprocessing
 
     def row_bytes(self) -> tuple[int, int]:
         return 4 * int(np.prod(self.prep["input_size"])), 0

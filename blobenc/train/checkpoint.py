@@ -1,15 +1,22 @@
-"""Run-directory files: safetensors weights, JSON configs, training state. No pickles."""
+"""Run-directory files: safetensors weights, JSON configs, and the training state a trial writes and
+--resume restores. No pickles."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from blobenc.errors import ConfigError, ModelError
-from blobenc.files import atomic_path, read_json
+from blobenc.files import atomic_path, read_json, write_json
+from blobenc.profile import timed
+from blobenc.train.step import Trial
+
+logger = logging.getLogger(__name__)
 
 RUN_FORMAT = "blobenc.run"  # model.json / run.json of every run folder
 PCA_FILE = "pca.safetensors"  # the run's group PCA: the frozen embedding, stored once per run
@@ -110,3 +117,84 @@ def resolve_run(run: Path | str) -> Path:
     if not (run / "model.json").is_file():
         raise ConfigError(f"{run}: not a blobenc run (no model.json or sweep.json)")
     return run
+
+
+@timed("checkpoint")
+def write_checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int:
+    """Write the trial's best weights (when newer than the file), its last weights and its training
+    state; returns the bytes written. The state is written last and names the step of the last
+    weights, so a crash between the two is detected on resume."""
+    written = 0
+    if not trial.best_written and trial.best_state is not None:
+        meta = {"epoch": trial.best_epoch, "median_r2": trial.best_score}
+        written += save_weights(tdir / "best.safetensors", trial.best_state, meta)
+        write_json(tdir / "summary.json", {"best_epoch": trial.best_epoch, "val": trial.best_val, "trial": trial.name})
+        trial.best_written = True
+    state = trained_state(trial.model, trial.keep_embedding)
+    written += save_weights(tdir / "last.safetensors", state, {"step": trial.step})
+    trial.written_step = trial.step
+    tensors, groups = optimizer_state(trial.optimizer)
+    tensors["rng_state"] = trial.rng_state
+    meta = {
+        "epoch": position[0],
+        "batch": position[1],
+        "step": trial.step,
+        "best_score": trial.best_score,
+        "best_epoch": trial.best_epoch,
+        "param_groups": groups,
+        "status": json.dumps(
+            {
+                "failed": trial.failed,
+                "stopped": trial.stopped,
+                "epoch_losses": trial.epoch_losses,
+                "history": trial.history,
+                "start_val": trial.start_val,
+            }
+        ),
+    }
+    return written + save_weights(tdir / "state.safetensors", tensors, meta)
+
+
+def restore_trials(trials) -> tuple[int, int]:
+    """Load each trial's last weights, optimizer, RNG, step, best weights and status; return the
+    position (epoch, batches of it done) the run goes on from."""
+    from safetensors import safe_open
+
+    positions, active = set(), set()
+    for trial, tdir in trials:
+        path = tdir / "state.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"{path}: nothing to resume (no checkpoint written yet); start a new run")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(str(tdir / "last.safetensors"), framework="pt") as f:
+            last_step = f.metadata().get("step")
+        if last_step != meta["step"]:
+            raise ConfigError(
+                f"{tdir}: last.safetensors (step {last_step}) and state.safetensors (step {meta['step']}) disagree: "
+                "the run stopped while writing its checkpoint; start a new run"
+            )
+        load_state(trial.model, load_weights(tdir / "last.safetensors"))  # the embedding stays the run PCA's
+        load_optimizer_state(trial.optimizer, tensors, meta["param_groups"])
+        if tensors["rng_state"].numel() == trial.rng_state.numel():
+            trial.rng_state = tensors["rng_state"]
+        else:  # written on another device type (CPU <-> CUDA): its state does not fit this generator
+            logger.warning("%s: resumed on another device type; dropout draws a new random stream", tdir)
+        trial.step = int(meta["step"])
+        trial.scheduler.step_update(trial.step)
+        trial.best_score, trial.best_epoch = float(meta["best_score"]), int(meta["best_epoch"])
+        status = json.loads(meta["status"])
+        trial.failed, trial.stopped = status["failed"], status["stopped"]
+        trial.epoch_losses, trial.history = status["epoch_losses"], status["history"]
+        trial.start_val = status.get("start_val")
+        if math.isfinite(trial.best_score):
+            trial.best_state = load_weights(tdir / "best.safetensors")
+            trial.best_val = read_json(tdir / "summary.json")["val"]
+        positions.add(position := (int(meta["epoch"]), int(meta["batch"])))
+        if trial.active:
+            active.add(position)
+        trial.written_step = trial.step
+    if len(active) > 1:  # a stopped trial's state may be older: it trains no more
+        raise ConfigError("trials stopped at different positions; cannot resume them in one pass")
+    return active.pop() if active else max(positions)

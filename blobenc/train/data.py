@@ -19,8 +19,9 @@ from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.profile import timed
 from blobenc.progress import track
+from blobenc.scoring import observed_mask
 from blobenc.train.config import FEATURE_DTYPES
-from blobenc.train.loop import EmbeddedTargets, epoch_batches, observed_mask
+from blobenc.train.step import EmbeddedTargets, epoch_batches
 
 logger = logging.getLogger(__name__)
 

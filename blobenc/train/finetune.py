@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +18,14 @@ from blobenc.data import open_dataset
 from blobenc.data.base import Dataset, ValidationSplit, verify_images
 from blobenc.errors import ConfigError, DataError, ModelError
 from blobenc.features.extract import default_workers
+from blobenc.features.spec import FeatureSpec
 from blobenc.features.trunk import (
     LayerCapture,
-    TrunkSpec,
     all_layer_shapes,
     augment_transform,
-    create_trunk,
     eval_transform,
     match_modules,
     pool_features,
-    weights_fingerprint,
 )
 from blobenc.files import read_json, write_json
 from blobenc.heads import create_head
@@ -42,8 +40,8 @@ from blobenc.train.checkpoint import (
 )
 from blobenc.train.config import FinetuneConfig
 from blobenc.train.data import SplitTargets
-from blobenc.train.fit import add_trial, start_run, total_steps, train_trials
-from blobenc.train.loop import epoch_batches
+from blobenc.train.step import epoch_batches
+from blobenc.train.trainer import Callback, add_trial, start_run, total_steps, train_trials
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +72,14 @@ class ImageEncoder(nn.Module):
 
 
 def build_encoder(spec: dict) -> ImageEncoder:
-    """Trunk (rebuilt, fingerprint checked when the spec comes from fit-head) + head from model.json."""
-    feats = spec["features"]
-    trunk_spec = TrunkSpec(**feats["trunk"])
-    if spec.get("finetuned"):  # its own weights replace the trunk's: build the architecture, load nothing
-        trunk_spec = dataclasses.replace(trunk_spec, pretrained=False, weights=None)
-    trunk = create_trunk(trunk_spec)
-    if not spec.get("finetuned") and weights_fingerprint(trunk) != feats["weights_fingerprint"]:
-        raise ModelError(
-            f"the rebuilt trunk {feats['model']} does not match the weights its cache was made with "
-            "(fingerprint differs): the cache came from other weights or another --weights file"
-        )
+    """Trunk + head from model.json: a fit-head run's trunk rebuilt and checked against its
+    weights' fingerprint; a finetune run's architecture only (its own weights are loaded next)."""
+    feats = FeatureSpec.from_dict(spec["features"])
+    if spec.get("finetuned"):
+        feats = dataclasses.replace(feats, trunk=feats.trunk | {"pretrained": False, "weights": None})
+    trunk = feats.create_trunk(checked=not spec.get("finetuned"))
     head = create_head(spec["head"], **spec["kwargs"])
-    return ImageEncoder(trunk, head, spec["layers"], feats["pool"], feats["num_prefix_tokens"])
+    return ImageEncoder(trunk, head, spec["layers"], feats.pool, feats.num_prefix_tokens)
 
 
 ATTENTION = "blocks.*.attn.**"
@@ -206,6 +199,7 @@ def finetune(
     checkpoint_minutes: float = 10.0,
     progress: bool = True,
     max_memory: int | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict | None:
     """Fine-tune a fit-head run's trunk (attention blocks by default) and head end to end. The plan
     (finetune_plan) is logged and refused beyond `max_memory` (bytes; None: the memory available)
@@ -276,7 +270,9 @@ def finetune(
         main,
     )
     trials[0][0].validate_start = True  # phase 1's weights: the best until an epoch beats them
-    summary = train_trials(out, trials, data, config, device, amp, resume, progress, "finetune", checkpoint_minutes)
+    summary = train_trials(
+        out, trials, data, config, device, amp, resume, progress, "finetune", checkpoint_minutes, callbacks=callbacks
+    )
     if summary is not None:
         summary["trainable_parameters"] = n_trainable
     return summary

@@ -36,10 +36,10 @@ from blobenc.ridge import (
     set_ridge_backend,
 )
 from blobenc.runtime import resolve_device
+from blobenc.scoring import validation_scores
 from blobenc.train.checkpoint import RUN_FORMAT, save_weights
 from blobenc.train.data import SplitTargets
-from blobenc.train.fit import save_validation
-from blobenc.train.loop import validation_scores
+from blobenc.train.validation import save_validation
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def fit_ridge(
             "head": "ridge",
             "subjects": data.subjects,
             "layers": layers,
-            "features": cache.feature_spec(),
+            "features": cache.feature_spec().to_dict(),
             "cache": str(cache.path),
             "group": data.group.to_dict(),
             "ridge": {"features": config.features, "banded": config.banded, "refit": config.refit},
