@@ -256,8 +256,7 @@ def pooled_ridge(data: Path, cache_path: Path, split) -> dict:
     of `split`; validation median R² (pooled as fit-head's) and devkit test score, and seconds."""
     from sklearn.linear_model import RidgeCV
 
-    from blobenc.scoring import score_subject
-    from blobenc.scoring import pooled_r2
+    from blobenc.scoring import pooled_r2, score_subject
 
     ds, cache = AlgonautsDataset(data), FeatureCache.open(cache_path)
     t0 = time.perf_counter()
