@@ -217,12 +217,23 @@ def test_pooled_and_multiview(small_data, tmp_path):
     np.testing.assert_array_equal(zarr.open_group(tmp_path / "v2", mode="r")["blocks.0"][:], views)
 
 
-def test_float16_overflow_is_an_error(small_data, tmp_path, monkeypatch):
-    import blobenc.features.extract as ex
+def test_float16_overflow_is_an_error(small_data, tmp_path):
+    from blobenc.features.trunk import to_store
 
-    monkeypatch.setattr(ex, "FLOAT16_MAX", 1e-3)  # any real activation now exceeds the range
+    with pytest.raises(CacheError, match=r"layer 'x' has values up to 7e\+04, beyond float16's range"):
+        to_store("x", torch.tensor([1.0, -7e4]), "float16")
+    with pytest.raises(CacheError, match="layer 'x' produced NaN or inf values"):
+        to_store("x", torch.tensor([1.0, float("nan")]), "float32")
+    assert to_store("x", torch.tensor([7e4]), "float32").dtype == np.float32
+    # a trunk whose activations leave float16's range: weights scaled up, given as a weights file
+    model = create_trunk(TrunkSpec("test_vit", False))
+    save_file(
+        {k: v * 1e6 if k.startswith("patch_embed") else v for k, v in model.state_dict().items()},
+        tmp_path / "w.safetensors",
+    )
+    big = TrunkSpec("test_vit", pretrained=False, weights=str(tmp_path / "w.safetensors"))
     with pytest.raises(CacheError, match=r"beyond float16's range .*--store-dtype float32"):
-        run_extract(small_data, tmp_path / "c", layers=("blocks.0",))
+        run_extract(small_data, tmp_path / "c", trunk=big, layers=("blocks.0",))
 
 
 def test_local_weights_file(small_data, tmp_path):

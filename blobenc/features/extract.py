@@ -27,10 +27,11 @@ from blobenc.features.trunk import (
     augment_transform,
     create_trunk,
     eval_transform,
+    layer_features,
     layer_shapes,
-    pool_features,
     preprocessing,
     resolve_layers,
+    to_store,
     weights_fingerprint,
 )
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
@@ -41,7 +42,6 @@ from blobenc.runtime import autocast, default_workers, resolve_device, resolve_p
 logger = logging.getLogger(__name__)
 
 STORE_DTYPES = ("float16", "float32")
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Chunk size: ~16 MiB per chunk of the largest layer (docs/benchmarks.md has the measurements).
 TARGET_CHUNK_BYTES = 16 << 20
 # Live activations of a forward pass in units of the trunk's largest module output: the residual
@@ -137,21 +137,6 @@ class _BackgroundWriter:
     def _raise(self) -> None:
         if self._error is not None:
             raise CacheError(f"writing the cache failed: {self._error}") from self._error
-
-
-def _to_store(name: str, x: torch.Tensor, dtype: str) -> np.ndarray:
-    # One reduction checks NaN (max propagates it), inf and float16 overflow at once.
-    peak = float(x.abs().amax())
-    if not math.isfinite(peak):
-        raise CacheError(f"layer {name!r} produced NaN or inf values")
-    if dtype == "float16":
-        if peak > FLOAT16_MAX:
-            raise CacheError(
-                f"layer {name!r} has values up to {peak:.3g}, beyond float16's range "
-                f"({FLOAT16_MAX:.0f}); use --store-dtype float32"
-            )
-        return x.half().cpu().numpy()
-    return x.float().cpu().numpy()
 
 
 def extract(
@@ -287,10 +272,8 @@ def extract(
                         feats = capture(x)
                 with phase("to host"):
                     host = {}
-                    for name, f in feats.items():
-                        if config.pool:
-                            f = pool_features(f, config.pool, prefix)
-                        host[name] = _to_store(name, f.reshape(b, *view_shape, *f.shape[1:]), config.store_dtype)
+                    for name, f in zip(layers, layer_features(feats, layers, config.pool, prefix), strict=True):
+                        host[name] = to_store(name, f.reshape(b, *view_shape, *f.shape[1:]), config.store_dtype)
                     del feats
                     batch_rows = batch_rows.numpy()
                     chunk_ids = batch_rows // chunk_images

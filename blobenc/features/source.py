@@ -57,7 +57,7 @@ class FeatureSource:
 
     @timed("trunk")
     def _trunk_features(self, images: Sequence, batch_size: int) -> list[np.ndarray]:
-        from blobenc.features.trunk import LayerCapture, pool_features
+        from blobenc.features.trunk import LayerCapture, layer_features, to_store
 
         feats = self.spec
         if self._trunk is None:
@@ -69,12 +69,10 @@ class FeatureSource:
                 for x in _image_batches(images, feats.preprocessing, batch_size):
                     with autocast(self.device, self.amp):
                         got = capture(x.to(self.device))
-                    for j, name in enumerate(self.layers):
-                        f = got[name]
-                        if feats.pool:
-                            f = pool_features(f, feats.pool, feats.num_prefix_tokens)
-                        # the head was trained on the cache's dtype: round the same way
-                        out[j].append(f.to(getattr(torch, feats.dtype)).cpu().numpy())
+                    layers = layer_features(got, self.layers, feats.pool, feats.num_prefix_tokens)
+                    for j, (name, f) in enumerate(zip(self.layers, layers, strict=True)):
+                        # the model was trained on the cache's dtype: round the same way
+                        out[j].append(to_store(name, f, feats.dtype))
         finally:
             capture.remove()
         return [np.concatenate(o) for o in out]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 from torchvision import transforms
 
 from blobenc.defaults import DEFAULT_MODEL
-from blobenc.errors import ModelError
+from blobenc.errors import CacheError, ModelError
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,33 @@ def pool_features(x: torch.Tensor, grid: int, num_prefix_tokens: int) -> torch.T
     maps = patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
     pooled = F.adaptive_avg_pool2d(maps, grid).flatten(2).transpose(1, 2)
     return torch.cat([prefix, pooled], dim=1)
+
+
+def layer_features(
+    outputs: dict[str, torch.Tensor], layers: Sequence[str], pool: int | None, num_prefix_tokens: int
+) -> list[torch.Tensor]:
+    """Each layer's output in the form a cache holds it: as captured, or pooled to a `pool` grid.
+    extract, predict (images no cache holds) and finetune's forward all read layers through it."""
+    return [pool_features(outputs[n], pool, num_prefix_tokens) if pool else outputs[n] for n in layers]
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_store(name: str, x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A layer's features as the cache stores them (`dtype`), on the host; NaN, inf and values
+    beyond float16's range are a CacheError naming the layer, not silently stored."""
+    peak = float(x.abs().amax()) if x.numel() else 0.0  # one reduction: max propagates NaN
+    if not math.isfinite(peak):
+        raise CacheError(f"layer {name!r} produced NaN or inf values")
+    if dtype == "float16":
+        if peak > FLOAT16_MAX:
+            raise CacheError(
+                f"layer {name!r} has values up to {peak:.3g}, beyond float16's range "
+                f"({FLOAT16_MAX:.0f}); use --store-dtype float32"
+            )
+        return x.half().cpu().numpy()
+    return x.float().cpu().numpy()
 
 
 def layer_shapes(model: nn.Module, layers: Sequence[str], prep: dict, pool: int | None = None) -> dict[str, list[int]]:

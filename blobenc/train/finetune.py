@@ -24,8 +24,8 @@ from blobenc.features.trunk import (
     all_layer_shapes,
     augment_transform,
     eval_transform,
+    layer_features,
     match_modules,
-    pool_features,
 )
 from blobenc.files import read_json, write_json
 from blobenc.heads import create_head
@@ -67,8 +67,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, inputs: list[torch.Tensor], subject: torch.Tensor, latent: bool = False) -> torch.Tensor:
         feats = self.capture(inputs[0])
-        out = [pool_features(feats[n], self.pool, self.prefix) if self.pool else feats[n] for n in self.layers]
-        return self.head(out, subject, latent=latent)
+        return self.head(layer_features(feats, self.layers, self.pool, self.prefix), subject, latent=latent)
 
 
 def build_encoder(spec: dict) -> ImageEncoder:
