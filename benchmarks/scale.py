@@ -40,7 +40,10 @@ STEPS = ("extract", "fit-ridge", "fit-head", "predict", "evaluate", "report")
 
 def blobenc(checkout: Path | None) -> list[str]:
     """The command line that runs `blobenc` from `checkout` (None: this environment's)."""
-    code = "import sys; from blobenc.cli import main; sys.argv[0] = 'blobenc'; main()"
+    # the checkout first on the path: `python -c` puts the current folder there, which from a working
+    # tree would import its blobenc instead of the checkout's
+    first = f"import sys; sys.path.insert(0, {str(checkout)!r}); "
+    code = first + "from blobenc.cli import main; sys.argv[0] = 'blobenc'; main()"
     return [sys.executable, "-c", code] if checkout else [shutil.which("blobenc") or "blobenc"]
 
 

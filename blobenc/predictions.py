@@ -110,10 +110,10 @@ def predict(
     if encoder.group is not None:
         if not encoder.group.same_as(dataset.group):
             raise ConfigError(f"{data_root}: its group vertex space differs from the one the run was trained in")
-    elif encoder.spec["kwargs"]["n_vertices"] != dataset.group.n_vertices:  # an import without --data
+    elif encoder.spec.kwargs["n_vertices"] != dataset.group.n_vertices:  # an import without --data
         raise ConfigError(
             f"{data_root}: {dataset.group.n_vertices} group vertices, the model predicts "
-            f"{encoder.spec['kwargs']['n_vertices']}"
+            f"{encoder.spec.kwargs['n_vertices']}"
         )
     else:
         encoder.group = dataset.group

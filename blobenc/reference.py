@@ -10,9 +10,8 @@ import torch
 
 from blobenc.errors import ModelError
 from blobenc.features.cache import FeatureCache
-from blobenc.files import write_json
 from blobenc.heads import create_head, token_shape
-from blobenc.train.checkpoint import RUN_FORMAT, save_weights
+from blobenc.train.checkpoint import ModelSpec, save_weights
 
 
 def _load(path: Path, what: str) -> dict:
@@ -90,52 +89,52 @@ def import_reference(
         group = ds.group.to_dict()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = {
-        "format": RUN_FORMAT,
-        "head": "group_linear",
-        "kwargs": kwargs,
-        "subjects": [f"subj{k:02d}" for k in range(1, n_subjects + 1)],
-        "layers": layers,
-        "features": feats.feature_spec().to_dict(),
-        "cache": str(feats.path),
-        "group": group,
-        "imported": {
+    spec = ModelSpec(
+        kind="head",
+        head="group_linear",
+        kwargs=kwargs,
+        subjects=[f"subj{k:02d}" for k in range(1, n_subjects + 1)],
+        layers=layers,
+        features=feats.feature_spec(),
+        cache=str(feats.path),
+        group=group,
+        imported={
             "checkpoint": str(checkpoint),
             "pca": str(pca),
             "epoch": _scalar(ckpt.get("epoch")),
             "metric": _scalar(ckpt.get("metric")),
         },
-    }
+    )
     weights = model.state_dict()
     if ckpt.get("trunk") is not None:  # phase 2: the fine-tuned trunk travels with the head
+        spec.finetuned = True
         encoder = _finetuned_encoder(ckpt["trunk"], model, spec, checkpoint)
-        spec |= {"finetuned": True}
         weights = encoder.state_dict()
-    write_json(out / "model.json", spec)
+    spec.write(out / "model.json")
     save_weights(out / "best.safetensors", weights)
     return out
 
 
-def _finetuned_encoder(trunk_sd, head: torch.nn.Module, spec: dict, checkpoint) -> torch.nn.Module:
+def _finetuned_encoder(trunk_sd, head: torch.nn.Module, spec: ModelSpec, checkpoint) -> torch.nn.Module:
     """Trunk + head as `predict` runs a finetune run, the trunk's weights from the checkpoint."""
     from blobenc.train.finetune import build_encoder
 
     if not isinstance(trunk_sd, dict):
         raise ModelError(f"{checkpoint}: 'trunk' is a {type(trunk_sd).__name__}, expected a state dict or None")
-    encoder = build_encoder(spec | {"finetuned": True})
+    encoder = build_encoder(spec)
     encoder.head.load_state_dict(head.state_dict())
     own = encoder.trunk.state_dict()
     missing, unexpected = sorted(set(own) - set(trunk_sd)), sorted(set(trunk_sd) - set(own))
     if missing or unexpected:
         raise ModelError(
-            f"{checkpoint}: its trunk does not fit {spec['features']['model']} (the cache's trunk): "
+            f"{checkpoint}: its trunk does not fit {spec.features.model} (the cache's trunk): "
             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
     for name, value in trunk_sd.items():
         if tuple(value.shape) != tuple(own[name].shape):
             raise ModelError(
                 f"{checkpoint}: trunk weight {name} has shape {tuple(value.shape)}, "
-                f"{spec['features']['model']} expects {tuple(own[name].shape)}"
+                f"{spec.features.model} expects {tuple(own[name].shape)}"
             )
     encoder.trunk.load_state_dict(trunk_sd)
     return encoder

@@ -5,6 +5,7 @@ best trial, an ensemble, finetune, fit-ridge, an imported reference) as an `Enco
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from blobenc.files import read_json
 from blobenc.heads import HeadEnsemble, create_head
 from blobenc.profile import timed
 from blobenc.runtime import autocast, resolve_device, resolve_precision
-from blobenc.train.checkpoint import load_state, load_weights, pca_path, resolve_run
+from blobenc.train.checkpoint import ModelSpec, load_state, load_weights, resolve_run
 
 
 class Encoder:
@@ -30,13 +31,13 @@ class Encoder:
     subject's own target order; `predict(subject, images=...)` reads the inputs itself.
     """
 
-    def __init__(self, path: Path, spec: dict):
+    def __init__(self, path: Path, spec: ModelSpec):
         self.path, self.spec = Path(path), spec
-        self.subjects: list[str] = list(spec["subjects"])
-        self.layers: list[str] = list(spec["layers"])
-        self.features = FeatureSpec.from_dict(spec["features"], str(self.path / "model.json"))
+        self.subjects: list[str] = list(spec.subjects)
+        self.layers: list[str] = list(spec.layers)
+        self.features: FeatureSpec = spec.features
         # the space a group model predicts in; None for a reference imported without --data
-        self.group: GroupSpace | None = GroupSpace.from_dict(spec["group"]) if spec.get("group") else None
+        self.group: GroupSpace | None = GroupSpace.from_dict(spec.group) if spec.group else None
         self.device, self.amp = torch.device("cpu"), None
         self.source = None  # set by open_inputs
 
@@ -45,7 +46,7 @@ class Encoder:
     @property
     def cache_path(self) -> Path | None:
         """The cache the model was fitted on (it may have moved since)."""
-        return Path(self.spec["cache"]) if self.spec.get("cache") else None
+        return Path(self.spec.cache) if self.spec.cache else None
 
     def to(self, device: str | torch.device = "auto", precision: str = "auto") -> Encoder:
         self.device = resolve_device(str(device))
@@ -113,10 +114,10 @@ class HeadEncoder(Encoder):
     """A torch model over a group space: a fit-head head, an ensemble of heads, a finetuned trunk +
     head; its group-space predictions are taken at the subject's targets."""
 
-    def __init__(self, path: Path, spec: dict, module: torch.nn.Module):
+    def __init__(self, path: Path, spec: ModelSpec, module: torch.nn.Module):
         super().__init__(path, spec)
         self.module = module.eval()
-        self.takes_images = bool(spec.get("finetuned"))
+        self.takes_images = spec.finetuned
 
     def to(self, device: str | torch.device = "auto", precision: str = "auto") -> HeadEncoder:
         super().to(device, precision)
@@ -145,9 +146,9 @@ class RidgeEncoder(Encoder):
     """A fit-ridge run: one fit per subject in its own target order, loaded on first use; a dual
     (kernel) fit reads its training images' features from the cache."""
 
-    def __init__(self, path: Path, spec: dict):
+    def __init__(self, path: Path, spec: ModelSpec):
         super().__init__(path, spec)
-        self.mode = spec["ridge"]["features"]
+        self.mode = spec.ridge["features"]
         self.prefix = int(self.features.num_prefix_tokens or 0)
         self._loaded: tuple[str, tuple] | None = None  # the last subject's fit: predict asks by blocks of rows
 
@@ -174,16 +175,16 @@ def load_run(run: Path | str, which: str = "best") -> Encoder:
     if (Path(run) / "ensemble.json").is_file():
         return _load_ensemble(Path(run), which)
     tdir = resolve_run(run)
-    spec = read_json(tdir / "model.json")
-    if spec.get("kind") == "ridge":
+    spec = ModelSpec.read(tdir / "model.json")
+    if spec.kind == "ridge":
         return RidgeEncoder(tdir, spec)
-    if spec.get("finetuned"):  # trunk + head in one state dict
+    if spec.finetuned:  # trunk + head in one state dict
         from blobenc.train.finetune import build_encoder  # the trunk's timm: only for these runs
 
         model = build_encoder(spec)
     else:
-        model = create_head(spec["head"], **spec["kwargs"])
-    load_state(model, load_weights(tdir / f"{which}.safetensors"), pca_path(tdir, spec))
+        model = create_head(spec.head, **spec.kwargs)
+    load_state(model, load_weights(tdir / f"{which}.safetensors"), spec.pca_path(tdir))
     return HeadEncoder(tdir, spec, model)
 
 
@@ -193,4 +194,4 @@ def _load_ensemble(run: Path, which: str) -> HeadEncoder:
     members = [load_run(run / d, which) for d in names]
     layers = list(dict.fromkeys(n for m in members for n in m.layers))
     model = HeadEnsemble([m.module for m in members], [[layers.index(n) for n in m.layers] for m in members])
-    return HeadEncoder(run, members[0].spec | {"layers": layers, "ensemble": names}, model)
+    return HeadEncoder(run, replace(members[0].spec, layers=layers, ensemble=names), model)

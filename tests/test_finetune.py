@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from blobenc import AlgonautsDataset, ModelError
 from blobenc.cli import app
 from blobenc.features.extract import ExtractConfig, extract
 from blobenc.features.trunk import TrunkSpec
+from blobenc.train.checkpoint import ModelSpec
 from blobenc.train.config import FinetuneConfig, HeadConfig
 from blobenc.train.finetune import build_encoder, finetune, set_trainable
 from blobenc.train.fit import fit_head
@@ -40,7 +42,7 @@ def tiny(**kw):
 
 def test_only_attention_blocks_and_head_change(head_run, tmp_path):
     data, run = head_run
-    spec = json.loads((run / "model.json").read_text())
+    spec = ModelSpec.read(run / "model.json")
     before_trunk = build_encoder(spec).trunk.state_dict()
     before_head = load_file(run / "best.safetensors")
     summary = finetune(run, data, tmp_path / "ft", tiny(), progress=False)
@@ -73,7 +75,7 @@ def test_only_attention_blocks_and_head_change(head_run, tmp_path):
 
 def test_freeze_patterns_and_bad_pattern(head_run):
     _, run = head_run
-    encoder = build_encoder(json.loads((run / "model.json").read_text()))
+    encoder = build_encoder(ModelSpec.read(run / "model.json"))
     n_attn = set_trainable(encoder, ("blocks.*.attn.**",), ("**norm**",))
     n_more = set_trainable(encoder, ("blocks.*.attn.**", "blocks.*.mlp.**"), ())
     assert n_more > n_attn
@@ -134,8 +136,8 @@ def test_finetune_cli_predict_round_trip_and_scores(head_run, tmp_path):
 
 def test_finetune_refuses_other_trunk_weights(head_run, tmp_path):
     _data, run = head_run
-    spec = json.loads((run / "model.json").read_text())
-    spec["features"]["weights_fingerprint"] = "0" * 32
+    spec = ModelSpec.read(run / "model.json")
+    spec.features = dataclasses.replace(spec.features, weights_fingerprint="0" * 32)
     with pytest.raises(ModelError, match="does not match the weights the features were made with"):
         build_encoder(spec)
 
@@ -168,7 +170,7 @@ def test_cnn_default_trains_its_deepest_cached_stage_and_never_loses_to_phase_1(
     extract(index.keys, list(index.paths), tmp_path / "cache", cfg, progress=False)
     head = HeadConfig(epochs=2, batch_size=32, hidden_dim=16, proj_dim=16, lr=3e-3)
     fit_head(tmp_path / "cache", small_data, tmp_path / "run", [head], progress=False)
-    spec = json.loads((tmp_path / "run" / "model.json").read_text())
+    spec = ModelSpec.read(tmp_path / "run" / "model.json")
     before = build_encoder(spec).trunk.state_dict()
     summary = finetune(tmp_path / "run", small_data, tmp_path / "ft", tiny(lr=1e-2), progress=False)
     ft_spec = json.loads((tmp_path / "ft" / "model.json").read_text())

@@ -146,10 +146,10 @@ def test_run_folder_holds_the_embedding_once(small_cache, train_data, tmp_path):
     torch.testing.assert_close(model.embed.weight, torch.from_numpy(pca.components_).T, rtol=0, atol=0)
     torch.testing.assert_close(model.embed.bias, torch.from_numpy(pca.mean_), rtol=0, atol=0)
     # the rebuilt model predicts as the one trained: its best weights plus the run's PCA
-    ref = create_head(spec["head"], **spec["kwargs"])
+    ref = create_head(spec.head, **spec.kwargs)
     ref.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
     ref.load_state_dict(load_file(resolve_run(tmp_path / "sweep") / "best.safetensors"), strict=False)
-    feats = [torch.randn(3, *s) for s in spec["kwargs"]["layer_shapes"]]
+    feats = [torch.randn(3, *s) for s in spec.kwargs["layer_shapes"]]
     with torch.no_grad():
         torch.testing.assert_close(model(feats, torch.tensor([0, 1, 2])), ref.eval()(feats, torch.tensor([0, 1, 2])))
     # the default policy: checkpoints at the end only (short run), the best weights kept in memory until then
@@ -212,8 +212,8 @@ def test_ensemble_predicts_the_mean_of_its_members(small_cache, train_data, tmp_
     assert seeds == [0, 1, 2]
     loaded = load_run(tmp_path / "e")
     model, spec = loaded.module, loaded.spec
-    assert isinstance(model, HeadEnsemble) and spec["ensemble"] == members
-    feats = [torch.randn(4, *s) for s in spec["kwargs"]["layer_shapes"]]
+    assert isinstance(model, HeadEnsemble) and spec.ensemble == members
+    feats = [torch.randn(4, *s) for s in spec.kwargs["layer_shapes"]]
     subject = torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
         got = model(feats, subject)

@@ -58,7 +58,7 @@ def test_import_reference_reproduces_formula(small_cache, train_data, tmp_path):
     loaded = load_run(tmp_path / "ref")
     model, spec = loaded.module, loaded.spec
     cache = FeatureCache.open(small_cache)
-    feats = [cache.array(n)[:5].astype(np.float32) for n in spec["layers"]]
+    feats = [cache.array(n)[:5].astype(np.float32) for n in spec.layers]
     expected = reference_formula({k: v.numpy() for k, v in enc.items()}, feats, subject=5)
     with torch.no_grad():
         got = model([torch.from_numpy(f) for f in feats], torch.full((5,), 5)).numpy()
@@ -101,16 +101,16 @@ def test_import_reference_phase2_checkpoint_carries_its_trunk(small_cache, train
     import_reference(tmp_path / "phase2.pt", tmp_path / "pca.pt", small_cache, tmp_path / "ref2")
     loaded = load_run(tmp_path / "ref2")
     model, spec = loaded.module, loaded.spec
-    assert spec["finetuned"]
+    assert spec.finetuned
 
     trunk.load_state_dict(tuned)  # the reference: its fine-tuned trunk's features, then the formula
     paths = ds.subjects["subj01"].images["test"][:3]
     x = torch.stack([eval_transform(cache.attrs["preprocessing"])(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
-        feats = LayerCapture(trunk, spec["layers"])(x)
+        feats = LayerCapture(trunk, spec.layers)(x)
         got = model([x], torch.full((3,), 2)).numpy()
     expected = reference_formula(
-        {k: v.numpy() for k, v in enc.items()}, [feats[n].numpy() for n in spec["layers"]], subject=2
+        {k: v.numpy() for k, v in enc.items()}, [feats[n].numpy() for n in spec.layers], subject=2
     )
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
 

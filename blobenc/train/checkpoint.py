@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from blobenc.errors import ConfigError, ModelError
+from blobenc.features.spec import FeatureSpec
 from blobenc.files import atomic_path, read_json, write_json
 from blobenc.profile import timed
 from blobenc.train.step import Trial
@@ -19,6 +22,7 @@ from blobenc.train.step import Trial
 logger = logging.getLogger(__name__)
 
 RUN_FORMAT = "blobenc.run"  # model.json / run.json of every run folder
+MODEL_VERSION = 1  # model.json's layout (ModelSpec); files written before it carried none
 PCA_FILE = "pca.safetensors"  # the run's group PCA: the frozen embedding, stored once per run
 
 
@@ -84,10 +88,76 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pca: Path
         raise ModelError(f"checkpoint does not fit the model rebuilt from model.json ({first})") from None
 
 
-def pca_path(tdir: Path, spec: dict) -> Path | None:
-    """The PCA file a trial folder's checkpoints take their embedding from (model.json `pca`,
-    relative to the folder); None for runs whose checkpoints hold it."""
-    return tdir / spec["pca"] if spec.get("pca") else None
+@dataclass
+class ModelSpec:
+    """model.json: what rebuilds a run's fitted model from its folder alone, for every kind of run.
+
+    `kind` "head": a registered head (`head`, built with `kwargs`) trained by fit-head (`start`: its
+    closed-form start), fine-tuned with its trunk (`finetuned`, `finetune`: from where, what was
+    unfrozen) or imported from the reference release (`imported`); its frozen embedding is the
+    run's PCA file (`pca`, relative to the trial folder) or in its checkpoints. `kind` "ridge": one
+    fit per subject in `weights/` (`ridge`: the features' reduction, banded, refit). Every kind:
+    the `subjects` it predicts, the cached `layers` it reads and their `features` (FeatureSpec),
+    the `cache` it was fitted on, the `group` space (GroupSpace.to_dict). `ensemble`: the member
+    folders when loaded from an ensemble run (not written)."""
+
+    kind: str
+    subjects: list[str]
+    layers: list[str]
+    features: FeatureSpec
+    cache: str | None = None
+    group: dict | None = None
+    head: str | None = None
+    kwargs: dict | None = None
+    pca: str | None = None
+    start: dict | None = None
+    finetuned: bool = False
+    finetune: dict | None = None
+    imported: dict | None = None
+    ridge: dict | None = None
+    ensemble: list[str] | None = None
+
+    KINDS: ClassVar[tuple[str, ...]] = ("head", "ridge")
+
+    def to_dict(self) -> dict:
+        out: dict = {"format": RUN_FORMAT, "version": MODEL_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "ensemble" or value is None or value is False:
+                continue
+            out[f.name] = value.to_dict() if isinstance(value, FeatureSpec) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> ModelSpec:
+        if d.get("format", RUN_FORMAT) != RUN_FORMAT:
+            raise ModelError(f"{where}: format {d.get('format')!r}, expected {RUN_FORMAT!r}")
+        version = d.get("version", 1)
+        if not isinstance(version, int) or version > MODEL_VERSION:
+            raise ModelError(f"{where}: model format version {version!r}; this blobenc reads up to {MODEL_VERSION}")
+        kind = d.get("kind", "head")  # fit-head runs wrote no kind before version 1
+        if kind not in cls.KINDS:
+            raise ModelError(f"{where}: kind {kind!r}, expected one of {', '.join(cls.KINDS)}")
+        missing = [k for k in ("subjects", "layers", "features") if k not in d]
+        if kind == "head":
+            missing += [k for k in ("head", "kwargs") if k not in d]
+        if missing:
+            raise ModelError(f"{where}: no {missing[0]!r}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known} | {"kind": kind}
+        return cls(**values | {"features": FeatureSpec.from_dict(d["features"], where)})
+
+    @classmethod
+    def read(cls, path: Path) -> ModelSpec:
+        return cls.from_dict(read_json(path, error=ModelError), str(path))
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    def pca_path(self, tdir: Path) -> Path | None:
+        """The PCA file a trial folder's checkpoints take their embedding from (`pca`, relative to
+        the folder); None for runs whose checkpoints hold it."""
+        return tdir / self.pca if self.pca else None
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:

@@ -18,7 +18,6 @@ from blobenc.data import open_dataset
 from blobenc.data.base import Dataset, ValidationSplit, verify_images
 from blobenc.errors import ConfigError, DataError, ModelError
 from blobenc.features.extract import default_workers
-from blobenc.features.spec import FeatureSpec
 from blobenc.features.trunk import (
     LayerCapture,
     all_layer_shapes,
@@ -27,15 +26,15 @@ from blobenc.features.trunk import (
     layer_features,
     match_modules,
 )
-from blobenc.files import read_json, write_json
+from blobenc.files import write_json
 from blobenc.heads import create_head
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.train.checkpoint import (
     PCA_FILE,
     RUN_FORMAT,
+    ModelSpec,
     load_state,
     load_weights,
-    pca_path,
     resolve_run,
 )
 from blobenc.train.config import FinetuneConfig
@@ -70,15 +69,15 @@ class ImageEncoder(nn.Module):
         return self.head(layer_features(feats, self.layers, self.pool, self.prefix), subject, latent=latent)
 
 
-def build_encoder(spec: dict) -> ImageEncoder:
-    """Trunk + head from model.json: a fit-head run's trunk rebuilt and checked against its
-    weights' fingerprint; a finetune run's architecture only (its own weights are loaded next)."""
-    feats = FeatureSpec.from_dict(spec["features"])
-    if spec.get("finetuned"):
+def build_encoder(spec: ModelSpec) -> ImageEncoder:
+    """Trunk + head of a run: a fit-head run's trunk rebuilt and checked against its weights'
+    fingerprint; a finetune run's architecture only (its own weights are loaded next)."""
+    feats = spec.features
+    if spec.finetuned:
         feats = dataclasses.replace(feats, trunk=feats.trunk | {"pretrained": False, "weights": None})
-    trunk = feats.create_trunk(checked=not spec.get("finetuned"))
-    head = create_head(spec["head"], **spec["kwargs"])
-    return ImageEncoder(trunk, head, spec["layers"], feats.pool, feats.num_prefix_tokens)
+    trunk = feats.create_trunk(checked=not spec.finetuned)
+    head = create_head(spec.head, **spec.kwargs)
+    return ImageEncoder(trunk, head, spec.layers, feats.pool, feats.num_prefix_tokens)
 
 
 ATTENTION = "blocks.*.attn.**"
@@ -204,18 +203,18 @@ def finetune(
     (finetune_plan) is logged and refused beyond `max_memory` (bytes; None: the memory available)
     before any image is read."""
     source = resolve_run(run)
-    spec = read_json(source / "model.json")
-    if spec.get("kind") == "ridge":
+    spec = ModelSpec.read(source / "model.json")
+    if spec.kind == "ridge":
         raise ConfigError(f"{run}: a fit-ridge run has no head to fine-tune; give a fit-head run")
     out = Path(out)
     dataset = open_dataset(data_root)
-    if list(dataset.subjects) != spec["subjects"]:
-        raise ModelError(f"{data_root}: subjects {list(dataset.subjects)} differ from the run's {spec['subjects']}")
+    if list(dataset.subjects) != spec.subjects:
+        raise ModelError(f"{data_root}: subjects {list(dataset.subjects)} differ from the run's {spec.subjects}")
     verify_images([p for s in dataset.subjects.values() for p in s.images["train"]])  # before anything is written
     device, amp, distributed, main = start_run(out, [config], resume, config)
     encoder = build_encoder(spec)
-    load_state(encoder.head, load_weights(source / "best.safetensors"), pca_path(source, spec))
-    unfreeze = resolve_unfreeze(encoder.trunk, spec["layers"], config.unfreeze)
+    load_state(encoder.head, load_weights(source / "best.safetensors"), spec.pca_path(source))
+    unfreeze = resolve_unfreeze(encoder.trunk, spec.layers, config.unfreeze)
     n_trainable = set_trainable(encoder, unfreeze, config.freeze)
     if config.grad_checkpointing:
         encoder.trunk.set_grad_checkpointing(True)
@@ -233,16 +232,17 @@ def finetune(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         split.save(split_file)
-    data = ImageData(dataset, split, spec["features"]["preprocessing"], config, device)
+    data = ImageData(dataset, split, spec.features.preprocessing, config, device)
     data.embed(*encoder.head.embedding())
-    new_spec = spec | {
-        "finetuned": True,
-        "finetune": {"from": str(source), "unfreeze": list(unfreeze), "trainable_parameters": n_trainable},
-    }
-    if spec.get("pca"):  # the embedding lives in the PCA file: the new run gets its own copy, once
-        new_spec["pca"] = PCA_FILE
+    new_spec = dataclasses.replace(
+        spec,
+        finetuned=True,
+        finetune={"from": str(source), "unfreeze": list(unfreeze), "trainable_parameters": n_trainable},
+    )
+    if spec.pca:  # the embedding lives in the PCA file: the new run gets its own copy, once
+        new_spec.pca = PCA_FILE
         if main and not (resume and (out / PCA_FILE).is_file()):
-            shutil.copyfile(pca_path(source, spec), out / PCA_FILE)
+            shutil.copyfile(spec.pca_path(source), out / PCA_FILE)
     if main:
         write_json(
             out / "run.json",
@@ -277,7 +277,9 @@ def finetune(
     return summary
 
 
-def finetune_plan(encoder: ImageEncoder, spec: dict, dataset: Dataset, split: ValidationSplit, config) -> MemoryPlan:
+def finetune_plan(
+    encoder: ImageEncoder, spec: ModelSpec, dataset: Dataset, split: ValidationSplit, config
+) -> MemoryPlan:
     """finetune's memory from the shapes: the encoder's weights, and gradients with AdamW's two
     moments for the trainable ones, and the validation targets throughout; per step the images of
     a micro-batch (in the loader's prefetch too) and the activations autograd keeps: the outputs of
@@ -287,11 +289,11 @@ def finetune_plan(encoder: ImageEncoder, spec: dict, dataset: Dataset, split: Va
     for subject in dataset.subjects.values():
         train, val = split.rows(subject)
         n_train, n_val = n_train + len(train), n_val + len(val)
-    prep = spec["features"]["preprocessing"]
+    prep = spec.features.preprocessing
     trunk = encoder.trunk
     leaves = {n for n, m in trunk.named_modules() if not list(m.children())}
     trainable = [n for n, p in trunk.named_parameters() if p.requires_grad]
-    last = spec["layers"][-1]  # the encoder's forward stops there
+    last = spec.layers[-1]  # the encoder's forward stops there
     kept, started, past = [], False, False
     for name, shape in all_layer_shapes(trunk, prep):
         inside = name == last or name.startswith(f"{last}.")

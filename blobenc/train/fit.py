@@ -25,6 +25,7 @@ from blobenc.scoring import validation_scores
 from blobenc.train.checkpoint import (
     PCA_FILE,
     RUN_FORMAT,
+    ModelSpec,
     load_state,
 )
 from blobenc.train.config import HeadConfig, resolve_schedule
@@ -41,15 +42,15 @@ def _trial_dir(out: Path, k: int, n: int) -> Path:
     return out if n == 1 else out / f"trial-{k:02d}"
 
 
-def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_components: int, pca: str) -> dict:
-    """model.json: everything to rebuild the head; `pca` is the run's PCA file relative to the
-    trial folder, which the checkpoints take their frozen embedding from."""
+def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_components: int, pca: str) -> ModelSpec:
+    """What rebuilds the head; `pca` is the run's PCA file relative to the trial folder, which the
+    checkpoints take their frozen embedding from."""
     layers = list(cfg.layers or data.layers)
-    return {
-        "format": RUN_FORMAT,
-        "head": cfg.head,
-        "pca": pca,
-        "kwargs": {
+    return ModelSpec(
+        kind="head",
+        head=cfg.head,
+        pca=pca,
+        kwargs={
             "layer_shapes": [data.layer_shapes[data.layers.index(n)] for n in layers],
             "n_subjects": len(data.subjects),
             "n_vertices": data.group.n_vertices,
@@ -57,12 +58,12 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
             "proj_dim": n_components,
             "dropout": cfg.dropout,
         },
-        "subjects": data.subjects,
-        "layers": layers,
-        "features": cache.feature_spec().to_dict(),
-        "cache": str(cache.path),
-        "group": data.group.to_dict(),
-    }
+        subjects=data.subjects,
+        layers=layers,
+        features=cache.feature_spec(),
+        cache=str(cache.path),
+        group=data.group.to_dict(),
+    )
 
 
 def fit_head(
@@ -167,9 +168,9 @@ def fit_head(
         tdir = _trial_dir(out, k, len(configs))
         spec = _model_spec(cfg, data, cache, n_components, PCA_FILE if tdir == out else f"../{PCA_FILE}")
         torch.manual_seed(head_seed(cfg))  # same init whether trained alone or in a sweep
-        model = create_head(cfg.head, **spec["kwargs"])
+        model = create_head(cfg.head, **spec.kwargs)
         model.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
-        built.append((tdir, cfg, spec, model.to(device), [data.layers.index(n) for n in spec["layers"]]))
+        built.append((tdir, cfg, spec, model.to(device), [data.layers.index(n) for n in spec.layers]))
     data.embed(*built[0][3].embedding())  # every trial shares the PCA
     release_memory()  # the responses' blocks it read, of a different size per subject
     starts = [None] * len(built)
@@ -186,7 +187,7 @@ def fit_head(
             cfg,
             model,
             idx,
-            spec | ({"start": start} if start else {}),
+            replace(spec, start=start) if start else spec,
             total_steps(data, base),
             device,
             distributed,

@@ -37,7 +37,7 @@ from blobenc.ridge import (
 )
 from blobenc.runtime import resolve_device
 from blobenc.scoring import validation_scores
-from blobenc.train.checkpoint import RUN_FORMAT, save_weights
+from blobenc.train.checkpoint import RUN_FORMAT, ModelSpec, save_weights
 from blobenc.train.data import SplitTargets
 from blobenc.train.validation import save_validation
 
@@ -356,20 +356,16 @@ def fit_ridge(
     split.save(tmp / "split.json")
     with (tmp / "metrics.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    write_json(
-        tmp / "model.json",
-        {
-            "format": RUN_FORMAT,
-            "kind": "ridge",
-            "head": "ridge",
-            "subjects": data.subjects,
-            "layers": layers,
-            "features": cache.feature_spec().to_dict(),
-            "cache": str(cache.path),
-            "group": data.group.to_dict(),
-            "ridge": {"features": config.features, "banded": config.banded, "refit": config.refit},
-        },
-    )
+    ModelSpec(
+        kind="ridge",
+        head="ridge",
+        subjects=data.subjects,
+        layers=layers,
+        features=cache.feature_spec(),
+        cache=str(cache.path),
+        group=data.group.to_dict(),
+        ridge={"features": config.features, "banded": config.banded, "refit": config.refit},
+    ).write(tmp / "model.json")
     summary = {
         "kind": "fit-ridge",
         "best_epoch": None,

@@ -27,7 +27,7 @@ from blobenc.files import read_json, write_json
 from blobenc.profile import timed, timed_iter
 from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
-from blobenc.train.checkpoint import load_state, restore_trials, trained_state, write_checkpoint
+from blobenc.train.checkpoint import ModelSpec, load_state, restore_trials, trained_state, write_checkpoint
 from blobenc.train.step import Trial, steps_per_epoch, train_step
 from blobenc.train.validation import evaluate_trials, save_validation, val_predictions
 
@@ -85,20 +85,20 @@ def add_trial(
     cfg,
     model: torch.nn.Module,
     layer_idx: list[int],
-    spec: dict,
+    spec: ModelSpec,
     total_steps: int,
     device,
     distributed: bool,
     main: bool,
 ) -> Trial:
     """Set up a trial's optimizer and schedule (DDP-wrapped under torchrun) and write its config files."""
-    trial = Trial(name, cfg, model, layer_idx, keep_embedding=not spec.get("pca"))
+    trial = Trial(name, cfg, model, layer_idx, keep_embedding=not spec.pca)
     trial.setup(total_steps, device, seed_offset=rank() if distributed else 0)
     if distributed:  # gradients averaged across ranks; each rank trains on its slice of every batch
         trial.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if main:
         tdir.mkdir(exist_ok=True)
-        write_json(tdir / "model.json", spec)
+        spec.write(tdir / "model.json")
         (tdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trials.append((trial, tdir))
     return trial
