@@ -76,26 +76,26 @@ class Page:
     # -- header ---------------------------------------------------------------------------------------
 
     def about(self, run: Run) -> dict:
-        spec, feats = run.spec, run.spec.get("features") or {}
-        trunk = feats.get("trunk") or {}
+        spec = run.spec
         rows = [("kind", run.kind), ("folder", str(run.path))]
-        if feats:
+        if spec is not None:
+            feats, trunk = spec.features, spec.features.trunk
             weights = "pretrained" if trunk.get("pretrained") else "random init"
             if trunk.get("weights"):
                 weights = f"weights {trunk['weights']}"
-            rows.append(("trunk", f"{feats.get('model', trunk.get('model', '?'))} ({weights})"))
-        if spec.get("layers"):
-            rows.append(("layers", ", ".join(spec["layers"])))
-        kw = spec.get("kwargs") or {}
-        if spec.get("head"):
-            dims = ", ".join(f"{k} {kw[k]}" for k in ("hidden_dim", "proj_dim", "n_vertices") if k in kw)
-            rows.append(("head", f"{spec['head']}" + (f" ({dims})" if dims else "")))
-        if feats.get("pool"):
-            rows.append(("token pooling", str(feats["pool"])))
-        if run.info.get("from") or (spec.get("finetune") or {}).get("from"):
-            rows.append(("fine-tuned from", run.info.get("from") or spec["finetune"]["from"]))
-        if spec.get("imported"):
-            rows.append(("imported from", spec["imported"].get("checkpoint", "?")))
+            rows.append(("trunk", f"{feats.model} ({weights})"))
+            rows.append(("layers", ", ".join(spec.layers)))
+            kw = spec.kwargs or {}
+            if spec.head:
+                dims = ", ".join(f"{k} {kw[k]}" for k in ("hidden_dim", "proj_dim", "n_vertices") if k in kw)
+                rows.append(("head", spec.head + (f" ({dims})" if dims else "")))
+            if feats.pool:
+                rows.append(("token pooling", str(feats.pool)))
+        tuned_from = run.info.get("from") or (spec.finetune or {}).get("from") if spec else run.info.get("from")
+        if tuned_from:
+            rows.append(("fine-tuned from", tuned_from))
+        if spec is not None and spec.imported:
+            rows.append(("imported from", spec.imported.get("checkpoint", "?")))
         rows.append(("dataset", run.data_path or "not recorded"))
         if run.info.get("pca_components"):
             ev = run.info.get("pca_explained_variance")
@@ -373,7 +373,7 @@ class Page:
         for run in self.runs:
             pref = layer_preference(run, self.dataset)
             if pref is not None:
-                names = list(run.spec.get("layers") or [])
+                names = list(run.spec.layers) if run.spec else []
                 n = next(iter(run.layer_weights.values())).shape[1]
                 names = names if len(names) == n else [f"band {k}" for k in range(n)]
                 fig = figures.layer_figure(pref, names)

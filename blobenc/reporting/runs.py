@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from blobenc.errors import ReportError
+from blobenc.errors import ModelError, ReportError
 from blobenc.files import read_json
+from blobenc.train.checkpoint import ModelSpec
 
 RUN_FORMAT = "blobenc.run"
 HEMIS = ("lh", "rh")
@@ -40,7 +41,7 @@ class Run:
     label: str
     kind: str
     info: dict  # run.json ({} for an imported run)
-    spec: dict  # model.json of the best trial ({} when absent)
+    spec: ModelSpec | None  # model.json of the best trial (None when absent or unreadable)
     summary: dict | None
     trials: list[Trial]
     ridge_rows: list[dict]  # fit-ridge: one metrics line per subject
@@ -81,7 +82,7 @@ class Run:
 
     def group_ids(self) -> tuple[np.ndarray, int] | None:
         """The run's group space as (sorted target ids, space size), from model.json."""
-        return group_ids(self.spec.get("group"))
+        return group_ids(self.spec.group if self.spec else None)
 
 
 def _finite(x) -> bool:
@@ -201,9 +202,15 @@ def read_run(path: Path | str, taken: set[str] | None = None) -> Run:
         best = max(trials, key=_best_score)
     if best is not None:
         best.best = True
-    spec = _read_json((best.path if best else path) / "model.json") or _read_json(path / "model.json") or {}
-    if not spec:
+    spec = None
+    where = next((p for p in ((best.path if best else path) / "model.json", path / "model.json") if p.is_file()), None)
+    if where is None:
         notes.append("no model.json: the model is not described")
+    else:
+        try:
+            spec = ModelSpec.read(where)
+        except ModelError as e:
+            notes.append(f"the model is not described: {e}")
     if info and (summary is None or "seconds" not in summary):
         notes.append("no final summary.json: the run did not finish (interrupted?); showing what was written")
         incomplete = True

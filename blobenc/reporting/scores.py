@@ -27,7 +27,7 @@ def dataset_group_ids(dataset, subjects: list[str]) -> tuple[np.ndarray, int]:
 
 def check_run_data(run: Run, dataset) -> None:
     """The run was fit on this dataset: its subjects are there and span the same target space."""
-    subjects = run.spec.get("subjects")
+    subjects = run.spec.subjects if run.spec else None
     if not subjects:
         return
     missing = [s for s in subjects if s not in dataset.subjects]
@@ -108,7 +108,7 @@ def noise_ceiling_maps(dataset) -> dict[str, dict[str, np.ndarray]]:
 def layer_preference(run: Run, dataset) -> dict[str, np.ndarray] | None:
     """hemi -> index of the dominant layer per fsaverage5 vertex (NaN where no subject has it): the
     banded ridge's per-vertex layer weights, each layer's weight averaged over subjects first."""
-    if not run.layer_weights or (run.spec.get("ridge") or {}).get("banded") is False:
+    if not run.layer_weights or ((run.spec.ridge if run.spec else None) or {}).get("banded") is False:
         return None  # a plain ridge's weights are all equal: no preference to draw
     n_layers = {w.shape[1] for w in run.layer_weights.values()}
     if len(n_layers) != 1:
