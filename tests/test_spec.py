@@ -43,3 +43,20 @@ def test_model_spec_round_trip_versions_and_older_files(small_cache, tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ModelError, match="broken.json: not valid JSON"):
         ModelSpec.read(tmp_path / "broken.json")
+
+
+def test_run_spec_round_trip_and_refusals(tmp_path):
+    from blobenc import ConfigError
+    from blobenc.train.checkpoint import RunSpec
+
+    spec = RunSpec(kind="finetune", data="ROOT", configs=[{"lr": 1e-5}], source="RUN")
+    spec.write(tmp_path / "run.json")
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert written["from"] == "RUN" and "source" not in written and written["version"] == MODEL_VERSION
+    assert RunSpec.read(tmp_path / "run.json") == spec
+    (tmp_path / "run.json").write_text(json.dumps(written | {"version": MODEL_VERSION + 1}))
+    with pytest.raises(ConfigError, match="run.json: run format version"):
+        RunSpec.read(tmp_path / "run.json")
+    (tmp_path / "run.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ConfigError, match="run.json: not a blobenc run.json"):
+        RunSpec.read(tmp_path / "run.json")

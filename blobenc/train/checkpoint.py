@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from blobenc.errors import ConfigError, ModelError
+from blobenc.errors import BlobencError, ConfigError, ModelError
 from blobenc.features.spec import FeatureSpec
 from blobenc.files import atomic_path, read_json, write_json
 from blobenc.profile import timed
@@ -22,7 +22,7 @@ from blobenc.train.step import Trial
 logger = logging.getLogger(__name__)
 
 RUN_FORMAT = "blobenc.run"  # model.json / run.json of every run folder
-MODEL_VERSION = 1  # model.json's layout (ModelSpec); files written before it carried none
+MODEL_VERSION = 1  # model.json's and run.json's layout (ModelSpec, RunSpec); files before it carried none
 PCA_FILE = "pca.safetensors"  # the run's group PCA: the frozen embedding, stored once per run
 
 
@@ -158,6 +158,50 @@ class ModelSpec:
         """The PCA file a trial folder's checkpoints take their embedding from (`pca`, relative to
         the folder); None for runs whose checkpoints hold it."""
         return tdir / self.pca if self.pca else None
+
+
+@dataclass
+class RunSpec:
+    """run.json: how a run was made. `kind` fit-head, fit-ridge or finetune; the `data` root, the
+    `cache` it read (finetune: `source`, the fit-head run it started from, "from" in the file),
+    the `configs` as given (fit-head: `resolved`, with the schedule derived from the data size), the
+    `command` line; fit-head also the training samples and its group PCA's size and explained
+    variance. --resume compares its configs with the new ones; the report shows it."""
+
+    kind: str
+    data: str
+    configs: list[dict]
+    cache: str | None = None
+    source: str | None = None
+    command: str | None = None
+    resolved: list[dict] | None = None
+    train_samples: int | None = None
+    pca_components: int | None = None
+    pca_explained_variance: float | None = None
+
+    KINDS: ClassVar[tuple[str, ...]] = ("fit-head", "fit-ridge", "finetune")
+
+    def to_dict(self) -> dict:
+        out: dict = {"format": RUN_FORMAT, "version": MODEL_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out["from" if f.name == "source" else f.name] = value
+        return out
+
+    @classmethod
+    def read(cls, path: Path, error: type[BlobencError] = ConfigError) -> RunSpec:
+        d = read_json(path, error=error)
+        if not isinstance(d, dict) or d.get("format") != RUN_FORMAT or d.get("kind") not in cls.KINDS:
+            raise error(f"{path}: not a blobenc run.json (format {RUN_FORMAT!r}, kind one of {', '.join(cls.KINDS)})")
+        if d.get("version", 1) > MODEL_VERSION:
+            raise error(f"{path}: run format version {d['version']!r}; this blobenc reads up to {MODEL_VERSION}")
+        known = {f.name for f in fields(cls)} - {"source"}
+        values = {k: v for k, v in d.items() if k in known}
+        return cls(**values, source=d.get("from"))
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_dict())
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:

@@ -26,13 +26,12 @@ from blobenc.features.trunk import (
     layer_features,
     match_modules,
 )
-from blobenc.files import write_json
 from blobenc.heads import create_head
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.train.checkpoint import (
     PCA_FILE,
-    RUN_FORMAT,
     ModelSpec,
+    RunSpec,
     load_state,
     load_weights,
     resolve_run,
@@ -244,15 +243,8 @@ def finetune(
         if main and not (resume and (out / PCA_FILE).is_file()):
             shutil.copyfile(spec.pca_path(source), out / PCA_FILE)
     if main:
-        write_json(
-            out / "run.json",
-            {
-                "format": RUN_FORMAT,
-                "kind": "finetune",
-                "from": str(source),
-                "data": str(data_root),
-                "configs": [config.to_dict()],
-            },
+        RunSpec(kind="finetune", source=str(source), data=str(data_root), configs=[config.to_dict()]).write(
+            out / "run.json"
         )
     trials: list = []
     add_trial(

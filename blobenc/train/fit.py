@@ -24,8 +24,8 @@ from blobenc.runtime import large_blocks_mapped, release_memory
 from blobenc.scoring import validation_scores
 from blobenc.train.checkpoint import (
     PCA_FILE,
-    RUN_FORMAT,
     ModelSpec,
+    RunSpec,
     load_state,
 )
 from blobenc.train.config import HeadConfig, resolve_schedule
@@ -148,20 +148,16 @@ def fit_head(
     data.read_features(None if feature_memory is None else max(feature_memory, 0), base.batch_size, base.feature_dtype)
     n_components = len(pca.components_)
     if main:
-        write_json(
-            run_file,
-            {
-                "format": RUN_FORMAT,
-                "kind": "fit-head",
-                "cache": str(cache_path),
-                "data": str(data_root),
-                "configs": [c.to_dict() for c in given],
-                "resolved": [c.to_dict() for c in configs],
-                "train_samples": len(data.sets["train"]),
-                "pca_components": n_components,
-                "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
-            },
-        )
+        RunSpec(
+            kind="fit-head",
+            cache=str(cache_path),
+            data=str(data_root),
+            configs=[c.to_dict() for c in given],
+            resolved=[c.to_dict() for c in configs],
+            train_samples=len(data.sets["train"]),
+            pca_components=n_components,
+            pca_explained_variance=float(pca.explained_variance_ratio_.sum()),
+        ).write(run_file)
 
     built = []
     for k, cfg in enumerate(configs):

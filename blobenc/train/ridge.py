@@ -37,7 +37,7 @@ from blobenc.ridge import (
 )
 from blobenc.runtime import resolve_device
 from blobenc.scoring import validation_scores
-from blobenc.train.checkpoint import RUN_FORMAT, ModelSpec, save_weights
+from blobenc.train.checkpoint import ModelSpec, RunSpec, save_weights
 from blobenc.train.data import SplitTargets
 from blobenc.train.validation import save_validation
 
@@ -377,17 +377,13 @@ def fit_ridge(
         "trials": [],
     }
     write_json(tmp / "summary.json", summary)
-    write_json(
-        tmp / "run.json",
-        {
-            "format": RUN_FORMAT,
-            "kind": "fit-ridge",
-            "command": shlex.join(sys.argv),
-            "cache": str(cache_path),
-            "data": str(data_root),
-            "configs": [config.to_dict()],
-        },
-    )
+    RunSpec(
+        kind="fit-ridge",
+        command=shlex.join(sys.argv),
+        cache=str(cache_path),
+        data=str(data_root),
+        configs=[config.to_dict()],
+    ).write(tmp / "run.json")
     if out.exists():
         out.rmdir()  # an empty folder made for us (a non-empty one was refused up front)
     tmp.rename(out)

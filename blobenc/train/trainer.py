@@ -27,7 +27,7 @@ from blobenc.files import read_json, write_json
 from blobenc.profile import timed, timed_iter
 from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
-from blobenc.train.checkpoint import ModelSpec, load_state, restore_trials, trained_state, write_checkpoint
+from blobenc.train.checkpoint import ModelSpec, RunSpec, load_state, restore_trials, trained_state, write_checkpoint
 from blobenc.train.step import Trial, steps_per_epoch, train_step
 from blobenc.train.validation import evaluate_trials, save_validation, val_predictions
 
@@ -65,10 +65,10 @@ def start_run(out: Path, configs: list, resume: bool, base) -> tuple:
     distributed = init_from_env(device)
     main = is_main()
     if resume:
-        stored = read_json(out / "run.json")
+        stored = RunSpec.read(out / "run.json")
         # keys added since the run started take their defaults (feature_dtype: a run from before it)
         defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(base)}
-        if [defaults | c for c in stored.get("configs") or []] != [defaults | c.to_dict() for c in configs]:
+        if [defaults | c for c in stored.configs] != [defaults | c.to_dict() for c in configs]:
             raise ConfigError(
                 f"{out}: --resume with other settings than the run was started with; resume with the same options"
             )
