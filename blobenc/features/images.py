@@ -41,8 +41,10 @@ class ImageViews(Dataset):
     """Item i: (row, views (V, 3, H, W), error message or ''); `paths` are image files or
     (H, W, 3) uint8 arrays.
 
-    View 0 is `transform` (the eval centre crop); views 1..V-1 are `augment` drawn with
-    a generator seeded by (seed, row, view), so a resumed run draws the same crops.
+    View 0 is `transform` (extract's and predict's eval centre crop, finetune's augmentation),
+    drawn with a generator seeded by (*seed, row); views 1..V-1 are `augment`, seeded by (*seed,
+    row, view). `seed` is an int or a tuple (finetune's (seed, epoch)): a resumed run draws the
+    same crops.
     A file that cannot be decoded yields zeros and its error, so the caller can stop
     cleanly after writing what came before it, instead of a worker traceback.
     """
@@ -55,11 +57,12 @@ class ImageViews(Dataset):
         input_size: Sequence[int],
         views: int = 1,
         augment: Callable | None = None,
-        seed: int = 0,
+        seed: int | tuple[int, ...] = 0,
     ):
         self.paths, self.rows = list(paths), list(rows)
         self.transform, self.augment = transform, augment
-        self.input_size, self.views, self.seed = tuple(input_size), views, seed
+        self.input_size, self.views = tuple(input_size), views
+        self.seed = seed if isinstance(seed, tuple) else (seed,)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -72,9 +75,10 @@ class ImageViews(Dataset):
         except (OSError, SyntaxError, ValueError, TypeError) as e:
             where = path if isinstance(path, str | Path) else f"image {row}"
             return row, torch.zeros(self.views, *self.input_size), f"{where}: cannot read image ({e})"
-        out = [self.transform(img)]
-        for v in range(1, self.views):
+        out = []
+        for v in range(self.views):
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(hash((self.seed, row, v)) & 0x7FFF_FFFF)
-                out.append(self.augment(img))
+                key = (*self.seed, row) if v == 0 else (*self.seed, row, v)
+                torch.default_generator.manual_seed(hash(key) & 0x7FFF_FFFF)
+                out.append(self.transform(img) if v == 0 else self.augment(img))
         return row, torch.stack(out), ""

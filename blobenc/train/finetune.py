@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
 from blobenc.data import open_dataset
 from blobenc.data.base import Dataset, ValidationSplit, verify_images
 from blobenc.errors import ConfigError, DataError, ModelError
 from blobenc.features.extract import default_workers
+from blobenc.features.images import ImageViews
 from blobenc.features.trunk import (
     LayerCapture,
     all_layer_shapes,
@@ -123,29 +123,6 @@ def set_trainable(encoder: ImageEncoder, unfreeze: tuple[str, ...], freeze: tupl
     return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
 
 
-class _Images(TorchDataset):
-    """Item i: (image tensor, error message or ''). A file that cannot be decoded yields zeros and
-    its error, so the main process stops with one line instead of a worker traceback."""
-
-    def __init__(self, paths: list[Path], transform, seed: int, epoch: int, input_size):
-        self.paths, self.transform, self.seed, self.epoch = paths, transform, seed, epoch
-        self.input_size = tuple(input_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        with torch.random.fork_rng(devices=[]):  # crops depend on (seed, epoch, sample) only: resumable
-            torch.default_generator.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
-            try:
-                with Image.open(self.paths[i]) as im:
-                    return self.transform(im.convert("RGB")), ""
-            except (OSError, SyntaxError, ValueError) as e:
-                return torch.zeros(self.input_size), f"{self.paths[i]}: cannot read image ({e})"
-
-
 class ImageData(SplitTargets):
     """Training images streamed through a DataLoader with augmentation; validation with the eval transform."""
 
@@ -165,12 +142,14 @@ class ImageData(SplitTargets):
         self.input_size = prep["input_size"]
 
     def _loader(self, part: str, transform, batches: list[np.ndarray], seed: int, epoch: int) -> Iterator:
-        ds = _Images(self.sets[part].path, transform, seed, epoch, self.input_size)
-        for x, errs in DataLoader(ds, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin):
+        # crops drawn from (seed, epoch, sample) only: a resumed epoch draws the same ones
+        paths = self.sets[part].path
+        ds = ImageViews(paths, range(len(paths)), transform, self.input_size, seed=(seed, epoch))
+        for _, x, errs in DataLoader(ds, batch_sampler=batches, num_workers=self.workers, pin_memory=self.pin):
             bad = [e for e in errs if e]
             if bad:
                 raise DataError(f"{bad[0]}; the last finished epoch is kept: fix the file and rerun with --resume")
-            yield x
+            yield x[:, 0]
 
     def train_batches(
         self, batch_size: int, seed: int, epoch: int, min_last: int = 2, start: int = 0
