@@ -317,32 +317,27 @@ def test_pretrained_offline_points_to_weights_and_no_pretrained(small_data, tmp_
     assert not (tmp_path / "c").exists()  # nothing written before the trunk exists
 
 
-def test_read_rows_few_rows_by_byte_range_many_by_chunk(small_cache, monkeypatch):
+def test_read_rows_few_rows_by_byte_range_many_by_chunk(small_cache):
     """A few rows of a chunk are read by byte range, most of a chunk through zarr: the same rows
-    either way, in the order asked, for every layer."""
+    either way, in the order asked, for every layer; --profile's phases show the route taken."""
+    from blobenc.profile import profiling
+
     cache = FeatureCache.open(small_cache)
     chunk = cache.attrs["chunk_images"]
     n = len(cache.attrs["images"])
-    sparse_calls = []
-    real = FeatureCache._read_sparse
-
-    def spy(self, arr, c, local):
-        block = real(self, arr, c, local)
-        sparse_calls.append(block is not None)
-        return block
-
-    monkeypatch.setattr(FeatureCache, "_read_sparse", spy)
     few = np.array([chunk + 3, 1, n - 1, chunk + 2])  # 1-2 rows of three chunks: byte ranges
     most = np.arange(chunk)[::-1]  # a whole chunk, backwards: zarr
-    for layer in cache.layers:
-        arr = zarr.open_group(small_cache, mode="r")[layer]
-        for rows in (few, most):
-            got = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
-            for positions, block in cache.read_rows(layer, rows):
-                got[positions] = block
-            np.testing.assert_array_equal(got, arr[:][rows])
-    assert sparse_calls and all(sparse_calls)  # taken for `few` only, and never fell back
-    assert len(sparse_calls) == 3 * len(cache.layers)
+    for rows, byte_range, whole in ((few, 3, 0), (most, 0, 1)):
+        with profiling() as prof:
+            for layer in cache.layers:
+                arr = zarr.open_group(small_cache, mode="r")[layer]
+                got = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
+                for positions, block in cache.read_rows(layer, rows):
+                    got[positions] = block
+                np.testing.assert_array_equal(got, arr[:][rows])
+        calls = {name: p.calls for name, p in prof.phases.items()}
+        assert calls.get("read by byte range", 0) == byte_range * len(cache.layers)
+        assert calls.get("read whole chunk", 0) == whole * len(cache.layers)  # byte ranges never fell back
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from zarr.codecs import BytesCodec
 
 from blobenc.errors import CacheError
 from blobenc.features.spec import FeatureSpec
+from blobenc.profile import phase
 
 FORMAT = "blobenc.features"
 VERSION = 1
@@ -191,9 +192,11 @@ class FeatureCache:
             local = rows[positions] - c * chunk
             block = None
             if len(positions) * SPARSE_FRACTION < chunk:
-                block = self._read_sparse(arr, c, local)
+                with phase("read by byte range"):  # --profile shows which route the reads took
+                    block = self._read_sparse(arr, c, local)
             if block is None:
-                block = arr[c * chunk : min((c + 1) * chunk, arr.shape[0])][local]
+                with phase("read whole chunk"):
+                    block = arr[c * chunk : min((c + 1) * chunk, arr.shape[0])][local]
             if view is not None and self.attrs["views"] > 1:
                 block = block[:, view]
             yield positions, block
