@@ -239,11 +239,11 @@ def write_checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int
     state; returns the bytes written. The state is written last and names the step of the last
     weights, so a crash between the two is detected on resume."""
     written = 0
-    if not trial.best_written and trial.best_state is not None:
-        meta = {"epoch": trial.best_epoch, "median_r2": trial.best_score}
-        written += save_weights(tdir / "best.safetensors", trial.best_state, meta)
-        write_json(tdir / "summary.json", {"best_epoch": trial.best_epoch, "val": trial.best_val, "trial": trial.name})
-        trial.best_written = True
+    if not trial.best.written and trial.best.state is not None:
+        meta = {"epoch": trial.best.epoch, "median_r2": trial.best.score}
+        written += save_weights(tdir / "best.safetensors", trial.best.state, meta)
+        write_json(tdir / "summary.json", {"best_epoch": trial.best.epoch, "val": trial.best.val, "trial": trial.name})
+        trial.best.written = True
     state = trained_state(trial.model, trial.keep_embedding)
     written += save_weights(tdir / "last.safetensors", state, {"step": trial.step})
     trial.written_step = trial.step
@@ -253,8 +253,8 @@ def write_checkpoint(trial: Trial, tdir: Path, position: tuple[int, int]) -> int
         "epoch": position[0],
         "batch": position[1],
         "step": trial.step,
-        "best_score": trial.best_score,
-        "best_epoch": trial.best_epoch,
+        "best_score": trial.best.score,
+        "best_epoch": trial.best.epoch,
         "param_groups": groups,
         "status": json.dumps(
             {
@@ -297,14 +297,14 @@ def restore_trials(trials) -> tuple[int, int]:
             logger.warning("%s: resumed on another device type; dropout draws a new random stream", tdir)
         trial.step = int(meta["step"])
         trial.scheduler.step_update(trial.step)
-        trial.best_score, trial.best_epoch = float(meta["best_score"]), int(meta["best_epoch"])
+        trial.best.score, trial.best.epoch = float(meta["best_score"]), int(meta["best_epoch"])
         status = json.loads(meta["status"])
         trial.failed, trial.stopped = status["failed"], status["stopped"]
         trial.epoch_losses, trial.history = status["epoch_losses"], status["history"]
         trial.start_val = status.get("start_val")
-        if math.isfinite(trial.best_score):
-            trial.best_state = load_weights(tdir / "best.safetensors")
-            trial.best_val = read_json(tdir / "summary.json")["val"]
+        if math.isfinite(trial.best.score):
+            trial.best.state = load_weights(tdir / "best.safetensors")
+            trial.best.val = read_json(tdir / "summary.json")["val"]
         positions.add(position := (int(meta["epoch"]), int(meta["batch"])))
         if trial.active:
             active.add(position)

@@ -202,9 +202,9 @@ def fit_head(
 def _ensemble(out: Path, trials: list, data, base, device, amp, k: int) -> dict:
     """The best k trials as one model (their best weights, predictions averaged): `ensemble.json`
     names them for load_run/predict; returns them with the ensemble's validation scores."""
-    ranked = sorted((t for t in trials if t[0].best_state is not None), key=lambda t: -t[0].best_score)[:k]
+    ranked = sorted((t for t in trials if t[0].best.state is not None), key=lambda t: -t[0].best.score)[:k]
     for trial, _ in ranked:
-        load_state(trial.model, trial.best_state)
+        load_state(trial.model, trial.best.state)
     pred = np.mean(val_predictions([t for t, _ in ranked], data, base.batch_size, device, amp), axis=0)
     s = data.sets["val"]
     val = validation_scores(pred, data.val_target, s.subject, data.subjects, data.group_index, data.group.n_vertices)
@@ -215,7 +215,7 @@ def _ensemble(out: Path, trials: list, data, base, device, amp, k: int) -> dict:
         "ensemble of %d: validation median R² %.4f (best member %.4f)",
         len(ranked),
         val["median_r2"],
-        ranked[0][0].best_score,
+        ranked[0][0].best.score,
     )
     return result
 

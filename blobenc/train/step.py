@@ -104,6 +104,22 @@ def head_seed(config: HeadConfig) -> int:
 
 
 @dataclass
+class Best:
+    """A trial's best so far: its validation score (median R²) and epoch (-1: its closed-form
+    start), the scores, and the trained weights, kept in memory until `written` to best.safetensors."""
+
+    score: float = -math.inf
+    epoch: int = -1
+    val: dict | None = None
+    state: dict[str, torch.Tensor] | None = None
+    written: bool = True
+
+    def update(self, score: float, epoch: int, val: dict, weights: dict[str, torch.Tensor]) -> None:
+        self.score, self.epoch, self.val, self.written = score, epoch, val, False
+        self.state = {k: v.detach().clone() for k, v in weights.items()}
+
+
+@dataclass
 class Trial:
     """One model under training with its own optimizer, schedule and dropout RNG stream."""
 
@@ -115,14 +131,10 @@ class Trial:
     scheduler: CosineLRScheduler = None
     rng_state: torch.Tensor = None
     step: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    best_val: dict | None = None  # validation scores at the best epoch
+    best: Best = field(default_factory=lambda: Best())
     start_val: dict | None = None  # validation scores of a closed-form start, before any step
     validate_start: bool = False  # validate the weights before any step (fit-head's closed-form starts)
     written_step: int = -1  # the step of the last weights written (last.safetensors)
-    best_state: dict[str, torch.Tensor] | None = None  # trained weights at the best epoch, in memory
-    best_written: bool = True  # False while best_state is newer than best.safetensors
     failed: str | None = None  # a non-finite loss: not trained further
     stopped: str | None = None  # early stopping or a halving rung: not trained further
     epoch_losses: list[float] = field(default_factory=list)  # this epoch's, so far

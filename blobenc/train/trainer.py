@@ -204,7 +204,7 @@ def train_trials(
                 due = last or time.perf_counter() - last_write >= 60 * checkpoint_minutes
                 for trial, tdir in trials:
                     # a trial stopped earlier is written once more if it changed since its last write
-                    dirty = trial.active or not trial.best_written or trial.written_step != trial.step
+                    dirty = trial.active or not trial.best.written or trial.written_step != trial.step
                     written = write_checkpoint(trial, tdir, (epoch + 1, 0)) if due and main and dirty else 0
                     record = records.get(id(trial))
                     if record is None:
@@ -220,8 +220,8 @@ def train_trials(
                 if due:
                     last_write = time.perf_counter()
                 position, consistent = (epoch + 1, 0), True
-                best = max(trials, key=lambda t: t[0].best_score)[0]
-                bar.update(task, status=f"epoch {epoch + 1}/{base.epochs} best val median R² {best.best_score:.4f}")
+                best = max(trials, key=lambda t: t[0].best.score)[0]
+                bar.update(task, status=f"epoch {epoch + 1}/{base.epochs} best val median R² {best.best.score:.4f}")
                 if stop.check():
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -237,7 +237,7 @@ def train_trials(
     if not main:
         return None
     summary, best_trial, _ = _summarize(out, trials, seconds, samples)
-    load_state(best_trial.model, best_trial.best_state)
+    load_state(best_trial.model, best_trial.best.state)
     for cb in callbacks:
         cb.on_train_end(best_trial)
     [pred] = val_predictions([best_trial], data, base.batch_size, device, amp)
@@ -260,9 +260,9 @@ def _train_batch(trials, feats, subject, r, q, data, device, amp, epoch: int, ca
         trial.epoch_losses.append(loss)
         if not math.isfinite(loss):
             trial.failed = f"loss became {loss} at epoch {epoch}, step {trial.step}"
-            logger.error("%s: %s; its best checkpoint (epoch %d) is kept", trial.name, trial.failed, trial.best_epoch)
-            if trial.best_state is not None:  # its weights go back to the best epoch's: no NaN written
-                load_state(trial.model, trial.best_state)
+            logger.error("%s: %s; its best checkpoint (epoch %d) is kept", trial.name, trial.failed, trial.best.epoch)
+            if trial.best.state is not None:  # its weights go back to the best epoch's: no NaN written
+                load_state(trial.model, trial.best.state)
 
 
 @timed("validation")
@@ -291,12 +291,9 @@ def _validate(trials, data, base, device, amp, epoch: int, callbacks) -> dict[in
             record["failed"] = trial.failed
         else:
             record["val"] = val[id(trial)]
-            if record["val"]["median_r2"] > trial.best_score:
-                trial.best_score, trial.best_epoch, trial.best_val = record["val"]["median_r2"], epoch, record["val"]
-                trial.best_state = {
-                    k: v.detach().clone() for k, v in trained_state(trial.model, trial.keep_embedding).items()
-                }
-                trial.best_written = False
+            if record["val"]["median_r2"] > trial.best.score:
+                weights = trained_state(trial.model, trial.keep_embedding)
+                trial.best.update(record["val"]["median_r2"], epoch, record["val"], weights)
         trial.history.append(record)
         records[id(trial)] = record
     return records
@@ -322,10 +319,10 @@ def _halve(trials, epoch: int, eta: int, times: int) -> None:
     far; earlier trials first on ties); stop the others. Early-stopped trials stay in the race."""
     racing = [t for t, _ in trials if not t.failed and not (t.stopped or "").startswith("halving")]
     keep = math.ceil(len(racing) / eta**times)
-    ranked = sorted(racing, key=lambda t: -t.best_score)  # stable: ties keep the trial order
+    ranked = sorted(racing, key=lambda t: -t.best.score)  # stable: ties keep the trial order
     for place, trial in enumerate(ranked[keep:], start=keep + 1):
         if not trial.stopped:
-            trial.stopped = f"halving after epoch {epoch}: rank {place} of {len(racing)} (best {trial.best_score:.4f})"
+            trial.stopped = f"halving after epoch {epoch}: rank {place} of {len(racing)} (best {trial.best.score:.4f})"
             logger.info("%s: %s", trial.name, trial.stopped)
 
 
@@ -338,33 +335,29 @@ def _validate_starts(trials, data, base, device, amp, callbacks) -> None:
     scores = _judged(callbacks, -1, starts, evaluate_trials(starts, data, base.batch_size, device, amp))
     for trial, val in zip(starts, scores, strict=True):
         trial.start_val = val
-        if val["median_r2"] > trial.best_score:
-            trial.best_score, trial.best_epoch, trial.best_val = val["median_r2"], -1, val
-            trial.best_state = {
-                k: v.detach().clone() for k, v in trained_state(trial.model, trial.keep_embedding).items()
-            }
-            trial.best_written = False
+        if val["median_r2"] > trial.best.score:
+            trial.best.update(val["median_r2"], -1, val, trained_state(trial.model, trial.keep_embedding))
 
 
 def _early_stop(trials, epoch: int) -> None:
     """Stop the trials whose validation score has not improved for `patience` epochs."""
     for trial, _ in trials:
         patience = trial.config.patience
-        if trial.active and patience and epoch - trial.best_epoch >= patience:
+        if trial.active and patience and epoch - trial.best.epoch >= patience:
             trial.stopped = f"early stop after epoch {epoch}: no better validation score in {patience} epochs"
-            logger.info("%s: %s (best: epoch %d)", trial.name, trial.stopped, trial.best_epoch)
+            logger.info("%s: %s (best: epoch %d)", trial.name, trial.stopped, trial.best.epoch)
 
 
 def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, Trial, Path]:
     """The run summary (the best trial's, plus every trial's row) and the best trial with its folder."""
-    ranked = sorted(trials, key=lambda t: t[0].best_score, reverse=True)
+    ranked = sorted(trials, key=lambda t: t[0].best.score, reverse=True)
     rows = [
         {
             "trial": t.name,
             "dir": str(d.relative_to(out)) if d != out else ".",
             "config": t.config.to_dict(),
-            "best_epoch": t.best_epoch,
-            "median_r2": t.best_score,
+            "best_epoch": t.best.epoch,
+            "median_r2": t.best.score,
             "failed": t.failed,
             "stopped": t.stopped,
             "epochs": len(t.history),
@@ -373,9 +366,9 @@ def _summarize(out: Path, trials, seconds: float, samples: int) -> tuple[dict, T
         }
         for t, d in ranked
     ]
-    if all(t.failed for t, _ in trials) and not any(math.isfinite(t.best_score) for t, _ in trials):
+    if all(t.failed for t, _ in trials) and not any(math.isfinite(t.best.score) for t, _ in trials):
         raise TrainingError(f"{out}: every trial stopped: {trials[0][0].failed}")
-    if not any(math.isfinite(t.best_score) for t, _ in trials):
+    if not any(math.isfinite(t.best.score) for t, _ in trials):
         raise TrainingError(f"{out}: no epoch gave a finite validation score (median R² is NaN)")
     best_trial, best_dir = ranked[0]
     summary = read_json(best_dir / "summary.json")
