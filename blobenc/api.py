@@ -143,6 +143,7 @@ def fit_ridge(
     feature_memory: Size = None,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict | None:
     """Fit a (banded) ridge per subject on cached features, alphas by leave-one-out (banded: by
     cross-validation of layer weightings); the baseline every head must beat. Returns the run's
@@ -170,6 +171,7 @@ def fit_ridge(
         max_memory=_bytes(max_memory, "--max-memory"),
         feature_memory=_bytes(feature_memory, "--feature-memory"),
         progress=progress,
+        overwrite=overwrite,
     )
 
 
@@ -187,6 +189,7 @@ def fit_head(
     pca: PathLike | None = None,
     pca_components: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     checkpoint_minutes: float = 10.0,
     max_memory: Size = None,
     feature_memory: Size = None,
@@ -219,6 +222,7 @@ def fit_head(
         configs,
         pca_path=pca,
         resume=resume,
+        overwrite=overwrite,
         max_memory=_bytes(max_memory, "--max-memory"),
         feature_memory=_bytes(feature_memory, "--feature-memory"),
         checkpoint_minutes=checkpoint_minutes,
@@ -240,6 +244,7 @@ def finetune(
     freeze: Sequence[str] | None = None,
     grad_checkpointing: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     checkpoint_minutes: float = 10.0,
     max_memory: Size = None,
     device: str = "auto",
@@ -267,6 +272,7 @@ def finetune(
         out,
         cfg,
         resume=resume,
+        overwrite=overwrite,
         checkpoint_minutes=checkpoint_minutes,
         progress=progress,
         max_memory=_bytes(max_memory, "--max-memory"),

@@ -42,7 +42,7 @@ def test_resume_after_ctrl_c_mid_epoch_equals_uninterrupted(small_cache, train_d
         )
     state = json.loads(load_file_meta(tmp_path / "cut" / "state.safetensors")["batch"])
     assert state == 3 and not (tmp_path / "cut" / "val_vertex.safetensors").exists()
-    with pytest.raises(ConfigError, match="exists and is not empty; use --resume"):
+    with pytest.raises(ConfigError, match="holds an unfinished run; --resume continues it"):
         fit_head(small_cache, train_data, tmp_path / "cut", config, progress=False)
     with pytest.raises(ConfigError, match="--resume with other settings"):
         fit_head(small_cache, train_data, tmp_path / "cut", [cfg(epochs=5)], resume=True, progress=False)

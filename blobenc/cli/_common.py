@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -42,10 +43,15 @@ PrecisionOpt = Annotated[
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON to this file.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables (for scripts).")]
-RunOutOpt = Annotated[Path, typer.Option("--out", help="Run folder to write (must be new unless --resume).")]
+RunOutOpt = Annotated[
+    Path, typer.Option("--out", help="Run folder to write (new; --resume or --overwrite an existing one).")
+]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file of config keys (the reference's keys).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="key=value config override, repeatable.")]
-ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")]
+ResumeOpt = Annotated[
+    bool, typer.Option(help="Continue the run in --out (checked: same settings, features, data); a finished one stays.")
+]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace what --out holds (a finished or unfinished run).")]
 MaxMemoryOpt = Annotated[
     str | None,
     typer.Option(
@@ -143,9 +149,33 @@ def errors() -> Iterator[None]:
     except BlobencError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[x]" is text
         raise typer.Exit(1) from None
+    except OSError as e:  # the filesystem's refusals (read-only, full, not a folder): the path and why
+        err_console.print(f"[bold red]error:[/] {escape(os_error_line(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]; rerun the same command to resume where possible")
+        err_console.print(
+            "[bold red]interrupted[/]; what finished is kept: rerun with --resume to go on (extract: rerun as it was)"
+        )
         raise typer.Exit(130) from None
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free space there or write elsewhere",
+    errno.EDQUOT: "free space there or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EACCES: "check its permissions or write elsewhere",
+    errno.EPERM: "check its permissions or write elsewhere",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EEXIST: "remove it or write elsewhere",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: the path(s), the system's reason, what to do about it."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
+    reason = e.strerror or str(e)
+    hint = _OS_HINTS.get(e.errno)
+    return f"{where}: {reason}" + (f"; {hint}" if hint else "")
 
 
 class _FolderOnFirstRecord(logging.FileHandler):

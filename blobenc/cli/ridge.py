@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,10 +14,10 @@ from blobenc.cli._common import (
     DeviceOpt,
     FeatureMemoryOpt,
     MaxMemoryOpt,
+    OverwriteOpt,
     ProfileOpt,
     QuietOpt,
     ReportOpt,
-    RunOutOpt,
     computing,
     console,
     errors,
@@ -30,7 +31,7 @@ from blobenc.cli.train import validation_table
 def fit_ridge_command(
     cache: CacheArg,
     data: DataOpt,
-    out: RunOutOpt,
+    out: Annotated[Path, typer.Option("--out", help="Run folder to write (new, or --overwrite).")],
     features: Annotated[
         str, typer.Option(help="Per layer: mean (over tokens/positions), cls, tokens (all), pool=N (N x N grid).")
     ] = "mean",
@@ -46,6 +47,7 @@ def fit_ridge_command(
     val_fraction: Annotated[float, typer.Option(help="Validation images (same split as fit-head's).")] = 0.1,
     seed: Annotated[int, typer.Option(help="Split (and banded search) seed; fit-head's default is 0.")] = 0,
     refit: Annotated[bool, typer.Option(help="Refit on every training image for the predictions.")] = True,
+    overwrite: OverwriteOpt = False,
     max_memory: MaxMemoryOpt = None,
     feature_memory: FeatureMemoryOpt = None,
     device: DeviceOpt = "auto",
@@ -67,7 +69,7 @@ def fit_ridge_command(
             summary = api.fit_ridge(
                 cache, data, out, features=features, layers=layers, alphas=alpha_values, banded=banded,
                 n_iter=n_iter, cv=cv, val_fraction=val_fraction, seed=seed, refit=refit, max_memory=max_memory,
-                feature_memory=feature_memory, device=device, progress=not quiet,
+                feature_memory=feature_memory, device=device, progress=not quiet, overwrite=overwrite,
             )  # fmt: skip
     if summary is None:  # under torchrun only rank 0 reports
         return

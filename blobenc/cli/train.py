@@ -16,6 +16,7 @@ from blobenc.cli._common import (
     FeatureMemoryOpt,
     JsonOpt,
     MaxMemoryOpt,
+    OverwriteOpt,
     PrecisionOpt,
     ProfileOpt,
     QuietOpt,
@@ -80,6 +81,7 @@ def fit_head_command(
         int | None, typer.Option(help="PCA components (= proj_dim; default: from the training samples, 2048 at most).")
     ] = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     checkpoint_minutes: CheckpointMinutesOpt = 10.0,
     max_memory: MaxMemoryOpt = None,
     feature_memory: FeatureMemoryOpt = None,
@@ -96,7 +98,7 @@ def fit_head_command(
     with errors(), computing(profile, lambda: out, quiet):
         summary = api.fit_head(
             cache, data, out, config=config, settings=set_, sweep=sweep, search=search, halving=halving,
-            ensemble=ensemble, pca=pca, pca_components=pca_components, resume=resume,
+            ensemble=ensemble, pca=pca, pca_components=pca_components, resume=resume, overwrite=overwrite,
             checkpoint_minutes=checkpoint_minutes, max_memory=max_memory, feature_memory=feature_memory,
             device=device, precision=precision, progress=not quiet,
         )  # fmt: skip
@@ -246,6 +248,7 @@ def finetune_command(
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute trunk activations in backward.")] = False,
     max_memory: MaxMemoryOpt = None,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     checkpoint_minutes: CheckpointMinutesOpt = 10.0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -260,8 +263,9 @@ def finetune_command(
     with errors(), computing(profile, lambda: out, quiet):
         summary = api.finetune(
             run, data, out, config=config, settings=set_, unfreeze=unfreeze, freeze=freeze,
-            grad_checkpointing=grad_checkpointing, resume=resume, checkpoint_minutes=checkpoint_minutes,
-            max_memory=max_memory, device=device, precision=precision, progress=not quiet,
+            grad_checkpointing=grad_checkpointing, resume=resume, overwrite=overwrite,
+            checkpoint_minutes=checkpoint_minutes, max_memory=max_memory, device=device, precision=precision,
+            progress=not quiet,
         )  # fmt: skip
     if summary is not None and report:
         write_run_report(out, quiet)

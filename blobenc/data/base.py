@@ -289,6 +289,22 @@ class DatasetBase:
         return names
 
 
+def dataset_id(dataset: Dataset) -> str:
+    """A short digest of what a model trained on `dataset` depends on: its subjects, their target
+    ids and the image key of every row of every split. Equal for a copy of the dataset in another
+    folder; different when an image, a subject or a target changes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(dataset.subjects):
+        subject = dataset.subjects[name]
+        h.update(name.encode() + b"\0")
+        h.update(np.ascontiguousarray(subject.targets, dtype=np.int64).tobytes())
+        for split in SPLITS:
+            h.update(split.encode() + b"\0" + "\0".join(subject.keys.get(split, ())).encode() + b"\1")
+    return h.hexdigest()[:16]
+
+
 def write_array(path: Path, arr: np.ndarray) -> None:
     """np.save through a temporary name and a rename: a reader never sees half a file."""
     with atomic_path(path) as tmp, tmp.open("wb") as f:  # np.save on a path would append .npy to tmp's name

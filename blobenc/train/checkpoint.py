@@ -166,7 +166,9 @@ class RunSpec:
     `cache` it read (finetune: `source`, the fit-head run it started from, "from" in the file),
     the `configs` as given (fit-head: `resolved`, with the schedule derived from the data size), the
     `command` line; fit-head also the training samples and its group PCA's size and explained
-    variance. --resume compares its configs with the new ones; the report shows it."""
+    variance; the `features` it read (FeatureSpec.to_dict) and the `dataset` (dataset_id), which
+    --resume compares with the new ones, as it does the configs; `finished`: when the run ended
+    (a --resume of it leaves it as it is). The report shows it."""
 
     kind: str
     data: str
@@ -178,6 +180,9 @@ class RunSpec:
     train_samples: int | None = None
     pca_components: int | None = None
     pca_explained_variance: float | None = None
+    features: dict | None = None
+    dataset: str | None = None
+    finished: str | None = None
 
     KINDS: ClassVar[tuple[str, ...]] = ("fit-head", "fit-ridge", "finetune")
 

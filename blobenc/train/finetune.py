@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from blobenc.data import open_dataset
-from blobenc.data.base import Dataset, ValidationSplit, verify_images
+from blobenc.data.base import Dataset, ValidationSplit, dataset_id, verify_images
 from blobenc.errors import ConfigError, DataError, ModelError
 from blobenc.features.extract import default_workers
 from blobenc.features.images import ImageViews
@@ -26,6 +26,7 @@ from blobenc.features.trunk import (
     layer_features,
     match_modules,
 )
+from blobenc.files import write_json
 from blobenc.heads import create_head
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.train.checkpoint import (
@@ -39,7 +40,16 @@ from blobenc.train.checkpoint import (
 from blobenc.train.config import FinetuneConfig
 from blobenc.train.data import SplitTargets
 from blobenc.train.step import epoch_batches
-from blobenc.train.trainer import Callback, add_trial, start_run, total_steps, train_trials
+from blobenc.train.trainer import (
+    Callback,
+    add_trial,
+    check_resumed_inputs,
+    finish_run,
+    finished_summary,
+    start_run,
+    total_steps,
+    train_trials,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +182,7 @@ def finetune(
     config: FinetuneConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     checkpoint_minutes: float = 10.0,
     progress: bool = True,
     max_memory: int | None = None,
@@ -179,7 +190,7 @@ def finetune(
 ) -> dict | None:
     """Fine-tune a fit-head run's trunk (attention blocks by default) and head end to end. The plan
     (finetune_plan) is logged and refused beyond `max_memory` (bytes; None: the memory available)
-    before any image is read."""
+    before any image is read. `resume` and `overwrite` as for fit_head."""
     source = resolve_run(run)
     spec = ModelSpec.read(source / "model.json")
     if spec.kind == "ridge":
@@ -189,7 +200,12 @@ def finetune(
     if list(dataset.subjects) != spec.subjects:
         raise ModelError(f"{data_root}: subjects {list(dataset.subjects)} differ from the run's {spec.subjects}")
     verify_images([p for s in dataset.subjects.values() for p in s.images["train"]])  # before anything is written
-    device, amp, distributed, main = start_run(out, [config], resume, config)
+    start = start_run(out, [config], resume, config, overwrite)
+    if start.finished:
+        return finished_summary(out)
+    device, amp, distributed, main, resume = start.device, start.amp, start.distributed, start.main, start.resume
+    if resume:
+        check_resumed_inputs(out, None, spec.layers, dataset_id(dataset))
     encoder = build_encoder(spec)
     load_state(encoder.head, load_weights(source / "best.safetensors"), spec.pca_path(source))
     unfreeze = resolve_unfreeze(encoder.trunk, spec.layers, config.unfreeze)
@@ -207,8 +223,8 @@ def finetune(
     )
     logger.info(plan.describe())
     logger.info("trainable parameters: %d of %d", n_trainable, sum(p.numel() for p in encoder.parameters()))
+    start.claim()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         split.save(split_file)
     data = ImageData(dataset, split, spec.features.preprocessing, config, device)
     data.embed(*encoder.head.embedding())
@@ -222,9 +238,14 @@ def finetune(
         if main and not (resume and (out / PCA_FILE).is_file()):
             shutil.copyfile(spec.pca_path(source), out / PCA_FILE)
     if main:
-        RunSpec(kind="finetune", source=str(source), data=str(data_root), configs=[config.to_dict()]).write(
-            out / "run.json"
-        )
+        RunSpec(
+            kind="finetune",
+            source=str(source),
+            data=str(data_root),
+            configs=[config.to_dict()],
+            features=spec.features.to_dict(),
+            dataset=dataset_id(dataset),
+        ).write(out / "run.json")
     trials: list = []
     add_trial(
         trials,
@@ -245,6 +266,8 @@ def finetune(
     )
     if summary is not None:
         summary["trainable_parameters"] = n_trainable
+        write_json(out / "summary.json", summary)
+        finish_run(out)
     return summary
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from blobenc.data import open_dataset
-from blobenc.data.base import ValidationSplit
+from blobenc.data.base import ValidationSplit, dataset_id
 from blobenc.distributed import all_agree
 from blobenc.errors import ConfigError
 from blobenc.features.cache import FeatureCache
@@ -32,7 +32,16 @@ from blobenc.train.config import HeadConfig, resolve_schedule
 from blobenc.train.data import HeadData, feature_row_bytes
 from blobenc.train.init import closed_form_start
 from blobenc.train.step import head_seed
-from blobenc.train.trainer import Callback, add_trial, start_run, total_steps, train_trials
+from blobenc.train.trainer import (
+    Callback,
+    add_trial,
+    check_resumed_inputs,
+    finish_run,
+    finished_summary,
+    start_run,
+    total_steps,
+    train_trials,
+)
 from blobenc.train.validation import save_validation, val_predictions
 
 logger = logging.getLogger(__name__)
@@ -74,6 +83,7 @@ def fit_head(
     *,
     pca_path: Path | str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     max_memory: int | None = None,
     feature_memory: int | None = None,
     checkpoint_minutes: float = 10.0,
@@ -92,7 +102,9 @@ def fit_head(
     beyond it. `feature_memory` (bytes; None: what the plan leaves of `max_memory`): features that
     do not fit are streamed from the cache by chunks.
     `checkpoint_minutes`: how often the last weights and training state are written (besides the
-    end and Ctrl-C), for --resume.
+    end and Ctrl-C), for --resume. `resume`: go on from the last checkpoint, checked to be of the
+    same settings, features and dataset (a run that ended is left as it is, one with no checkpoint
+    starts over); `overwrite`: replace what `out` holds.
     """
     out = Path(out)
     if ensemble is not None and ensemble < 1:
@@ -103,14 +115,19 @@ def fit_head(
         raise ConfigError(f"--ensemble {ensemble}: more members than the {len(configs)} configs trained")
     base = configs[0]
     run_file = out / "run.json"
-    device, amp, distributed, main = start_run(out, configs, resume, base)
+    start = start_run(out, configs, resume, base, overwrite)
+    if start.finished:
+        return finished_summary(out)
+    device, amp, distributed, main, resume = start.device, start.amp, start.distributed, start.main, start.resume
     cache = FeatureCache.open(cache_path)
     dataset = open_dataset(data_root)
+    wanted = {n for c in configs for n in (c.layers or cache.layers)}
+    layers = [n for n in cache.layers if n in wanted]
+    if resume:
+        check_resumed_inputs(out, cache.feature_spec(), layers, dataset_id(dataset))
 
     split_file = out / "split.json"
     split = ValidationSplit.load(split_file) if resume else dataset.validation_split(base.val_fraction, base.seed)
-    wanted = {n for c in configs for n in (c.layers or cache.layers)}
-    layers = [n for n in cache.layers if n in wanted]
     budget = available_memory() if max_memory is None else max_memory
     plan = head_plan(cache, dataset, split, layers, configs, pca_path is not None or resume)
     training = plan.phases["training"]
@@ -134,8 +151,8 @@ def fit_head(
         training["features"] = min(in_memory, max(host_room, 0))  # the stream fills what is left
     plan.check(budget, "lower --set pca_samples or --pca-components, or use a machine with more memory")
     logger.info(plan.describe())
+    start.claim()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         split.save(split_file)
     data = HeadData(cache, dataset, split, layers, device, progress)
     given = configs
@@ -157,6 +174,8 @@ def fit_head(
             train_samples=len(data.sets["train"]),
             pca_components=n_components,
             pca_explained_variance=float(pca.explained_variance_ratio_.sum()),
+            features=cache.feature_spec().to_dict(),
+            dataset=dataset_id(dataset),
         ).write(run_file)
 
     built = []
@@ -196,6 +215,8 @@ def fit_head(
     if summary is not None and ensemble and ensemble > 1:
         summary["ensemble"] = _ensemble(out, trials, data, base, device, amp, ensemble)
         write_json(out / "summary.json", summary)
+    if summary is not None:
+        finish_run(out)
     return summary
 
 

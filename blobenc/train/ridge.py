@@ -11,12 +11,14 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from blobenc.data import open_dataset
+from blobenc.data.base import dataset_id
 from blobenc.distributed import barrier, gather_objects, init_from_env, is_main, my_share, rank, world_size
 from blobenc.errors import CacheError, ConfigError
 from blobenc.features.cache import FeatureCache
@@ -39,6 +41,7 @@ from blobenc.runtime import resolve_device
 from blobenc.scoring import validation_scores
 from blobenc.train.checkpoint import ModelSpec, RunSpec, save_weights
 from blobenc.train.data import SplitTargets
+from blobenc.train.runfolder import RunFolder
 from blobenc.train.validation import save_validation
 
 logger = logging.getLogger(__name__)
@@ -251,6 +254,7 @@ def fit_ridge(
     max_memory: int | None = None,
     feature_memory: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Fit one ridge per subject on the cache, validate on fit-head's by-image split (same seed,
     same images), refit on every training image, and write the run folder; returns the summary.
@@ -259,11 +263,14 @@ def fit_ridge(
     read from the cache a layer at a time.
 
     Under torchrun the subjects are shared over the ranks (each rank solves its own, with the same
-    numbers as alone) and rank 0 writes the run; other ranks return None."""
+    numbers as alone) and rank 0 writes the run; other ranks return None.
+
+    The run is written beside `out` and renamed into place when complete; `overwrite` replaces
+    what `out` holds then, not before (an error part-way leaves it as it was)."""
     config.check()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: exists and is not empty; choose a new --out")
+    if RunFolder(out).state() in ("unfinished", "finished") and not overwrite:
+        raise ConfigError(f"--out {out}: holds a run; --overwrite replaces it, or choose a new --out")
     device = resolve_device(config.device)
     init_from_env(device)
     set_ridge_backend(device)
@@ -300,8 +307,9 @@ def fit_ridge(
     val_pred = np.zeros_like(data.val_target)
     records = []
     tmp = out.parent / f".{out.name}.tmp"  # renamed to `out` once complete: never a half-written run
-    if is_main() and tmp.exists():
-        shutil.rmtree(tmp)
+    staging = RunFolder(tmp)
+    if is_main():  # locked: a second fit-ridge into the same --out is refused, not interleaved
+        staging.claim(clear=True)  # what a killed run left
     barrier()
     mine = my_share(list(enumerate(data.subjects)))
     for i, name in track(mine, "fit-ridge", progress, len(mine)):
@@ -383,10 +391,16 @@ def fit_ridge(
         cache=str(cache_path),
         data=str(data_root),
         configs=[config.to_dict()],
+        features=cache.feature_spec().to_dict(),
+        dataset=dataset_id(dataset),
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ).write(tmp / "run.json")
-    if out.exists():
-        out.rmdir()  # an empty folder made for us (a non-empty one was refused up front)
+    old = out.parent / f".{out.name}.old"
+    if out.exists():  # an empty folder made for us, or the run --overwrite replaces
+        out.rename(old)
     tmp.rename(out)
+    staging.release()
+    shutil.rmtree(old, ignore_errors=True)
     barrier()
     return summary
 

@@ -12,7 +12,8 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,15 @@ import yaml
 from rich.progress import TextColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from blobenc.distributed import barrier, init_from_env, is_main, rank, world_size
+from blobenc.distributed import barrier, broadcast_object, init_from_env, is_main, rank, world_size
 from blobenc.errors import ConfigError, TrainingError
+from blobenc.features.spec import FeatureSpec
 from blobenc.files import read_json, write_json
 from blobenc.profile import timed, timed_iter
 from blobenc.progress import make_progress
 from blobenc.runtime import resolve_device, resolve_precision
 from blobenc.train.checkpoint import ModelSpec, RunSpec, load_state, restore_trials, trained_state, write_checkpoint
+from blobenc.train.runfolder import RunFolder
 from blobenc.train.step import Trial, steps_per_epoch, train_step
 from blobenc.train.validation import evaluate_trials, save_validation, val_predictions
 
@@ -58,24 +61,108 @@ def _judged(callbacks, epoch: int, trials: list[Trial], scores: list[dict]) -> l
     return scores
 
 
-def start_run(out: Path, configs: list, resume: bool, base) -> tuple:
-    """Device, precision, process group; the run folder checked (new, or resumed with the same configs)."""
+@dataclass
+class RunStart:
+    """What start_run settled: the device, precision and process group, and the run folder with
+    what this run does with it (RunFolder.check's mode; `resume`: it goes on from a checkpoint)."""
+
+    device: torch.device
+    amp: torch.dtype | None
+    distributed: bool
+    main: bool
+    folder: RunFolder
+    mode: str
+
+    @property
+    def resume(self) -> bool:
+        return self.mode == "continue"
+
+    @property
+    def finished(self) -> bool:
+        return self.mode == "finished"
+
+    def claim(self) -> None:
+        """Make and lock the folder (the main rank), cleared when the run starts over."""
+        if self.main:
+            self.folder.claim(clear=self.mode == "restart")
+
+
+def start_run(out: Path, configs: list, resume: bool, base, overwrite: bool = False) -> RunStart:
+    """Device, precision, process group; the run folder checked (RunFolder.check) and, for a
+    --resume, locked and checked to have been started with the same configs. The folder is made
+    (`RunStart.claim`) only once the caller's plan is checked: a refused run leaves nothing."""
     device = resolve_device(base.device)
     amp = resolve_precision(base.precision, device)
     distributed = init_from_env(device)
     main = is_main()
-    if resume:
+    folder = RunFolder(out)
+    mode = broadcast_object(folder.check(resume, overwrite) if main else None)
+    start = RunStart(device, amp, distributed, main, folder, mode)
+    if mode == "finished":
+        logger.warning("%s: the run finished earlier; left as it is (--overwrite trains it again)", out)
+    elif mode == "restart" and resume:
+        logger.warning("%s: no checkpoint was written before the run stopped; starting it over", out)
+    elif mode == "continue":
+        if main:
+            folder.claim()  # before reading what it resumes: a second writer is refused here
         stored = RunSpec.read(out / "run.json")
         # keys added since the run started take their defaults (feature_dtype: a run from before it)
         defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(base)}
-        if [defaults | c for c in stored.configs] != [defaults | c.to_dict() for c in configs]:
+        diff = _differences([defaults | c for c in stored.configs], [defaults | c.to_dict() for c in configs])
+        if diff:
             raise ConfigError(
-                f"{out}: --resume with other settings than the run was started with; resume with the same options"
+                f"{out}: --resume with other settings than the run was started with: {diff} (run vs now); "
+                "resume with the same options, or --overwrite to start over"
             )
-    elif main and out.exists() and any(p.name != "log.txt" for p in out.iterdir()):  # the CLI's log may be there
-        raise ConfigError(f"{out}: exists and is not empty; use --resume to continue it or a new --out")
-    barrier()  # the folder is made once the plan is checked: a refused run leaves nothing
-    return device, amp, distributed, main
+    barrier()
+    return start
+
+
+def _differences(stored: list[dict], now: list[dict]) -> str:
+    if len(stored) != len(now):
+        return f"{len(stored)} vs {len(now)} configs"
+    for k, (a, b) in enumerate(zip(stored, now, strict=True)):
+        keys = [key for key in dict.fromkeys([*a, *b]) if a.get(key) != b.get(key)]
+        if keys:
+            where = f"config {k}: " if len(stored) > 1 else ""
+            return where + ", ".join(f"{key} {a.get(key)!r} vs {b.get(key)!r}" for key in keys)
+    return ""
+
+
+def check_resumed_inputs(out: Path, features: FeatureSpec | None, layers: list[str], dataset: str) -> None:
+    """A --resume reads what the run was started on: features (trunk weights, preprocessing,
+    layers) the run's model.json names, and the same dataset (`dataset_id`); else one line naming
+    what differs. Runs from before run.json recorded them are checked on what they have."""
+    stored = RunSpec.read(out / "run.json")
+    if stored.dataset is not None and stored.dataset != dataset:
+        raise ConfigError(
+            f"{out}: --resume with another dataset than the run was started with (--data {stored.data} then); "
+            "give the same --data, or --overwrite to start over"
+        )
+    if features is None:
+        return
+    spec = stored.features
+    if spec is None:
+        model = next(iter(sorted(out.glob("model.json")) + sorted(out.glob("*/model.json"))), None)
+        spec = read_json(model, error=ConfigError).get("features") if model else None
+    if spec is not None:
+        diff = features.differences(FeatureSpec.from_dict(spec, str(out / "run.json")), layers)
+        if diff:
+            raise ConfigError(
+                f"{out}: --resume with other features than the run was started with (cache {stored.cache} then): "
+                f"{'; '.join(diff)} (now vs run); give the same cache, or --overwrite to start over"
+            )
+
+
+def finished_summary(out: Path) -> dict:
+    """A finished run's summary as it was written (a --resume of it changes nothing)."""
+    return read_json(out / "summary.json", error=ConfigError)
+
+
+def finish_run(out: Path) -> None:
+    """Record in run.json that the run ended; what finished_summary then returns is final."""
+    run = out / "run.json"
+    replace(RunSpec.read(run), finished=datetime.now(timezone.utc).isoformat(timespec="seconds")).write(run)
 
 
 def add_trial(
