@@ -96,6 +96,8 @@ class MemoryPlan:
         if not self.disk:
             return
         existing = next(p for p in (out, *out.parents) if p.exists())
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise ResourceError(f"{out}: Read-only file system; write elsewhere")
         free = shutil.disk_usage(existing).free
         if self.disk > free:
             raise ResourceError(

@@ -10,6 +10,8 @@ the subject's own target order; scoring works on the whole (rows, n_targets) arr
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -17,10 +19,10 @@ import numpy as np
 import torch
 
 from blobenc.data import open_dataset
-from blobenc.data.base import Dataset, verify_images
+from blobenc.data.base import Dataset, dataset_id, verify_images
 from blobenc.distributed import barrier, broadcast_object, gather_objects, init_from_env, is_main, my_share
 from blobenc.errors import ConfigError, DataError, PredictionError
-from blobenc.files import atomic_path
+from blobenc.files import atomic_path, read_json, write_json
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import phase
 from blobenc.progress import track
@@ -40,6 +42,7 @@ def evaluate(pred_dir: Path | str, dataset: Dataset, split: str = "test") -> dic
 
     Every file is read and checked before anything is scored."""
     names = dataset.prediction_subjects(Path(pred_dir))
+    check_identity(Path(pred_dir), dataset_id(dataset), f"score them against {dataset.root}")
     for name in names:
         if not dataset.subjects[name].has_responses(split):
             raise DataError(f"{dataset.subjects[name].path}: no {split} responses to score {pred_dir}/{name} against")
@@ -56,6 +59,7 @@ def submit(pred_dir: Path | str, dataset: Dataset, out: Path | str) -> Path:
         )
     if out.suffix != ".zip":
         raise PredictionError(f"{out}: the submission file must end in .zip")
+    check_identity(pred_dir, dataset_id(dataset), f"package them for {dataset.root}")
     for name in dataset.subjects:  # validate everything before writing anything
         dataset.read_predictions(pred_dir, name, "test")
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -167,7 +171,7 @@ def predict(
         return [f[at] for f in everyone]
 
     scores = {}
-    staging = PredictionStaging(Path(out))
+    staging = PredictionStaging(Path(out), dataset)
     with staging:
         for name in track(names, "predicting", progress):
             subject = dataset.subjects[name]
@@ -210,26 +214,36 @@ def predict_plan(encoder: Encoder, dataset, sizes: dict[str, int], n_wanted: int
     return plan
 
 
+IDENTITY_FILE = "predictions.json"  # which dataset a prediction folder's arrays are for
+
+
 class PredictionStaging:
     """Predictions are written to a hidden folder inside OUT and moved into place only when every
-    subject is done: an error part-way leaves OUT as it was."""
+    subject is done: an error part-way leaves OUT as it was. With them goes IDENTITY_FILE, the
+    dataset they are for (`dataset_id`), which evaluate and submit check; predictions for another
+    dataset are refused in a folder that holds some. A staging folder a killed process left is
+    removed by the next one."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, dataset: Dataset):
         import uuid
 
         self.out = out
+        self.identity = {"format": "blobenc.predictions", "dataset": dataset_id(dataset), "data": str(dataset.root)}
         # under torchrun every rank writes into rank 0's folder, and OUT's state is rank 0's, from
         # before any rank made anything
-        self.created, tag = broadcast_object((not out.exists(), uuid.uuid4().hex[:8]))
+        self.created, tag = broadcast_object((not out.exists(), f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
         self.path = out / f".predict-{tag}"
 
     def __enter__(self) -> PredictionStaging:
+        if is_main() and self.out.is_dir():
+            check_identity(self.out, self.identity["dataset"], "write predictions for another dataset into it")
+            for stale in self.out.glob(".predict-*"):
+                if not _alive(stale.name.split("-")[1]):
+                    shutil.rmtree(stale, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        import shutil
-
         # A rank that fails removes the staging folder itself: torchrun then stops the others,
         # rank 0 before it moves anything (it waits at the barrier), and OUT stays as it was.
         if exc_type is None:
@@ -238,6 +252,7 @@ class PredictionStaging:
                 return
         try:
             if exc_type is None:
+                write_json(self.path / IDENTITY_FILE, self.identity)
                 for src in sorted(self.path.rglob("*")):
                     if src.is_file():
                         dst = self.out / src.relative_to(self.path)
@@ -245,5 +260,29 @@ class PredictionStaging:
                         src.replace(dst)
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
-            if exc_type is not None and self.created and not any(self.out.iterdir()):
+            if exc_type is not None and self.created and self.out.is_dir() and not any(self.out.iterdir()):
                 self.out.rmdir()  # an error leaves no trace of OUT
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_identity(pred_dir: Path, dataset: str, action: str) -> None:
+    """Predictions in `pred_dir` are for the dataset whose `dataset_id` is `dataset` (when the folder
+    says which: predictions made elsewhere carry no IDENTITY_FILE); else one line."""
+    path = Path(pred_dir) / IDENTITY_FILE
+    if not path.is_file():
+        return
+    stored = read_json(path, error=PredictionError)
+    if stored.get("dataset") != dataset:
+        raise PredictionError(
+            f"{pred_dir}: holds predictions for another dataset ({stored.get('data')}, id {stored.get('dataset')}); "
+            f"cannot {action}"
+        )

@@ -222,7 +222,7 @@ def predict_selected(
         for k, run in enumerate(runs):
             predict(run, data_root, work / str(k), subjects, progress=progress, **predict_kwargs)
         summary, weights, scores = {}, {}, {}
-        with PredictionStaging(out) as staging:
+        with PredictionStaging(out, dataset) as staging:
             for name in names:
                 r = np.stack([v[f"{name}.r"].numpy() for v in vertex])
                 if select == "stack":

@@ -142,15 +142,17 @@ def profile_table(data: dict, title: str) -> Table:
 
 
 @contextmanager
-def errors() -> Iterator[None]:
-    """Turn library errors into one red line and exit code 1; nothing else is caught."""
+def errors(writes: Path | None = None) -> Iterator[None]:
+    """Turn library errors and the filesystem's refusals into one red line and exit code 1;
+    nothing else is caught. `writes`: what the command writes, named when the system's error
+    names no file (a write that found the disk full)."""
     try:
         yield
     except BlobencError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[x]" is text
         raise typer.Exit(1) from None
     except OSError as e:  # the filesystem's refusals (read-only, full, not a folder): the path and why
-        err_console.print(f"[bold red]error:[/] {escape(os_error_line(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(os_error_line(e, writes))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print(
@@ -170,9 +172,10 @@ _OS_HINTS = {
 }
 
 
-def os_error_line(e: OSError) -> str:
+def os_error_line(e: OSError, writes: Path | None = None) -> str:
     """An OSError as one line: the path(s), the system's reason, what to do about it."""
-    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    where = where or (f"writing {writes}" if writes is not None else "a file")
     reason = e.strerror or str(e)
     hint = _OS_HINTS.get(e.errno)
     return f"{where}: {reason}" + (f"; {hint}" if hint else "")

@@ -31,7 +31,7 @@ def synth_command(
 ) -> None:
     """Write a synthetic dataset (Algonauts 2023 or generic layout) from a known generative model."""
     setup_logging(quiet)
-    with errors():
+    with errors(out):
         cfg = SynthConfig(subjects, train_images, test_images, vertices, image_size, seed, layout)
         write_synthetic(out, cfg, progress=not quiet)
         ds = open_dataset(out)
@@ -158,7 +158,7 @@ def submit_command(
     from blobenc import api
 
     setup_logging(quiet)
-    with errors():
+    with errors(out):
         path = api.submit(pred_dir, data, out)
     if not quiet:
         console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -22,6 +22,7 @@ from blobenc.cli._common import (
     WeightsOpt,
     computing,
     console,
+    err_console,
     errors,
     setup_logging,
 )
@@ -55,7 +56,9 @@ def extract_command(
     ] = None,
     chunk_images: Annotated[int | None, typer.Option(help="Images per chunk (default: ~16 MiB chunks).")] = None,
     shard: Annotated[str | None, typer.Option(help="I/N: fill only shard I of N (torchrun: from RANK).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing cache and start over.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing cache: the new one is built beside it and swapped in when whole.")
+    ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     max_memory: MaxMemoryOpt = None,
@@ -67,7 +70,7 @@ def extract_command(
     from blobenc import api
 
     setup_logging(quiet)
-    with errors(), computing(profile, lambda: out, quiet):
+    with errors(out), computing(profile, lambda: out, quiet):
         summary = api.extract(
             data, out, images=images, model=model, layers=layers, pretrained=pretrained, weights=weights,
             seed=seed, store_dtype=store_dtype, pool=pool, views=views, crop_scale=crop_scale,
@@ -114,10 +117,14 @@ def info_table(info: dict, summary: dict | None = None) -> Table:
 def info_command(
     cache: Annotated[Path, typer.Argument(help="A feature cache, or a dataset root (either layout).")],
     json_out: JsonOpt = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Read every chunk and check its checksum; name the damaged ones.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Show what a feature cache holds (trunk, layers, shapes, progress, bytes on disk), or a
-    dataset's subjects, rows, targets, ceilings and ROIs (any layout, checked as it opens)."""
+    dataset's subjects, rows, targets, ceilings and ROIs (any layout, checked as it opens).
+    With --verify, exit 1 when a chunk or array of the cache is damaged."""
     from blobenc.features.cache import FeatureCache, is_cache
 
     with errors():
@@ -130,11 +137,29 @@ def info_command(
             if not quiet:
                 console.print(dataset_table(ds, f"{ds.layout} dataset {ds.root} ({ds.name})"))
             return
-        info = FeatureCache.open(cache, allow_incomplete=True).info()
+        opened = FeatureCache.open(cache, allow_incomplete=True, check_arrays=not verify)
+        damaged = opened.verify(progress=not quiet) if verify else None
+        info = opened.info()
+        if damaged is not None:
+            info["damaged"] = damaged
     if json_out is not None:
         write_json(json_out, info)
     if not quiet:
         console.print(info_table(info))
+    if damaged:
+        missing = opened.missing_arrays()
+        where = "; ".join(
+            f"layer {layer!r}: " + ("array missing" if layer in missing else f"chunk(s) {', '.join(map(str, cs))}")
+            for layer, cs in damaged.items()
+        )
+        err_console.print(
+            f"[bold red]error:[/] {cache}: damaged: {where}; rerun the same `blobenc extract` to recompute them",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    if damaged is not None and not quiet:
+        console.print(f"{cache}: every finished chunk verified (files and checksums)")
 
 
 def _looks_like_dataset(path: Path) -> bool:

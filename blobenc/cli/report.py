@@ -32,7 +32,7 @@ def report_command(
 
     setup_logging(quiet)
     t0 = time.perf_counter()
-    with errors():
+    with errors(out):
         path = api.report(runs, out, data, predictions, title=title, subject_maps=subject_maps)
     if not quiet:
         size = path.stat().st_size / 1e6

@@ -60,7 +60,7 @@ def fit_ridge_command(
     from blobenc.errors import ConfigError
 
     setup_logging(quiet)
-    with errors():
+    with errors(out):
         try:
             alpha_values = tuple(float(a) for a in alphas.split(",")) if alphas else None
         except ValueError:

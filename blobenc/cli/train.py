@@ -95,7 +95,7 @@ def fit_head_command(
     from blobenc import api
 
     setup_logging(quiet, out / "log.txt")
-    with errors(), computing(profile, lambda: out, quiet):
+    with errors(out), computing(profile, lambda: out, quiet):
         summary = api.fit_head(
             cache, data, out, config=config, settings=set_, sweep=sweep, search=search, halving=halving,
             ensemble=ensemble, pca=pca, pca_components=pca_components, resume=resume, overwrite=overwrite,
@@ -173,7 +173,7 @@ def predict_command(
     from blobenc import api
 
     setup_logging(quiet)
-    with errors(), computing(profile, lambda: out, quiet):
+    with errors(out), computing(profile, lambda: out, quiet):
         result = api.predict(
             runs, data, out, subject=subject, split=split, cache=cache, images=images, batch_size=batch_size,
             block_images=block_images, max_memory=max_memory, device=device, precision=precision,
@@ -223,7 +223,7 @@ def import_reference_command(
     """Import the reference release's head and group PCA (loaded with weights_only=True) as a run."""
     from blobenc.reference import import_reference
 
-    with errors():
+    with errors(out):
         path = import_reference(checkpoint, pca, cache, out, data, layers)
     console.print(f"imported into {path}; `blobenc predict {path} --data ROOT --out PRED` uses it")
 
@@ -260,7 +260,7 @@ def finetune_command(
     from blobenc import api
 
     setup_logging(quiet, out / "log.txt")
-    with errors(), computing(profile, lambda: out, quiet):
+    with errors(out), computing(profile, lambda: out, quiet):
         summary = api.finetune(
             run, data, out, config=config, settings=set_, unfreeze=unfreeze, freeze=freeze,
             grad_checkpointing=grad_checkpointing, resume=resume, overwrite=overwrite,

@@ -88,6 +88,8 @@ def load_array(
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise DataError(f"{path}: expected shape {want}, found {arr.shape}")
     if finite:
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise DataError(f"{path}: values of dtype {arr.dtype}, expected numbers (float32)")
         check_finite(arr, path)
     return arr
 

@@ -323,7 +323,7 @@ class GenericDataset(DatasetBase):
 
     def _read_csv(self, path: Path) -> _Rows:
         try:
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.reader(f)
                 header = next(reader, None)
                 if header is None:
@@ -474,7 +474,7 @@ class GenericDataset(DatasetBase):
         pred = read_prediction_file(folder / f"pred_{split}.npy", (len(s.keys[split]), s.n_targets), "rows x targets")
         table = folder / f"{split}.csv"
         if table.is_file():
-            with table.open(newline="", encoding="utf-8") as f:
+            with table.open(newline="", encoding="utf-8-sig") as f:
                 got = [row[0] if row else "" for row in list(csv.reader(f))[1:]]
             if tuple(got) != s.keys[split]:
                 bad = next(

@@ -4,22 +4,29 @@ Completion is tracked per chunk in the `_chunk_done` array (one tiny chunk per
 flag, so concurrent shards never write the same file); a flag is set only after
 that chunk's data for every layer is on disk. A cache is complete when every
 flag is set: a half-written store is never taken for a complete one.
+
+Health: every chunk file ends with its CRC32C (zarr's `crc32c` codec), checked when a whole
+chunk is read; a chunk read by byte range is checked for its size. A missing layer array, a
+missing or short chunk file or a wrong checksum is a CacheError naming the layer and chunk;
+`verify` reads everything, and `extract` recomputes exactly the chunks it finds damaged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec
+from zarr.codecs import BytesCodec, Crc32cCodec
 
 from blobenc.errors import CacheError
 from blobenc.features.spec import FeatureSpec
@@ -58,29 +65,28 @@ def is_cache(path: Path) -> bool:
         return False
 
 
-def create_or_open(
-    path: Path, attrs: dict, arrays: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], *, overwrite: bool = False
-) -> zarr.Group:
+def same_identity(path: Path, attrs: dict) -> bool:
+    """Whether the cache at `path` was made with the settings `attrs` (IDENTITY_KEYS)."""
+    stored = dict(zarr.open_group(path, mode="r").attrs)
+    return stored.get("version") == VERSION and all(stored.get(k) == attrs[k] for k in IDENTITY_KEYS)
+
+
+def create_or_open(path: Path, attrs: dict, arrays: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> zarr.Group:
     """Create the store (atomically, so concurrent shards agree) or open it for a resume.
 
     `arrays` maps a layer name to (shape, chunks). An existing store made with other
-    settings is refused, naming what differs; `overwrite` deletes a blobenc cache first.
+    settings is refused, naming what differs.
     """
     path = Path(path)
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         if not is_cache(path):
             raise CacheError(f"{path}: exists and is not a blobenc feature cache; refusing to write there")
-        if overwrite:
-            shutil.rmtree(path)
-        else:
-            return _open_for_resume(path, attrs)
+        return _open_for_resume(path, attrs)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(tmp, mode="w-", zarr_format=3)
     for name, (shape, chunks) in arrays.items():
-        group.create_array(
-            name, shape=shape, chunks=chunks, dtype=attrs["dtype"], compressors=None, fill_value=0, dimension_names=None
-        )
+        create_layer_array(group, name, shape, chunks, attrs["dtype"])
     group.create_array(DONE, shape=(attrs["n_chunks"],), chunks=(1,), dtype="uint8", fill_value=0, compressors=None)
     group.attrs.update(attrs)  # written last: a group with our format tag is fully laid out
     try:
@@ -91,6 +97,23 @@ def create_or_open(
         shutil.rmtree(tmp, ignore_errors=True)
         return _open_for_resume(path, attrs)
     return zarr.open_group(path, mode="r+")
+
+
+def create_layer_array(group: zarr.Group, name: str, shape, chunks, dtype: str) -> zarr.Array:
+    """A layer's array: uncompressed (activations barely compress, and a row stays one byte range
+    of its chunk's file) with a CRC32C after each chunk; every chunk written, even all-zero ones,
+    so a missing file always means damage."""
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+        dimension_names=None,
+        config={"write_empty_chunks": True},
+        overwrite=True,
+    )
 
 
 def _open_for_resume(path: Path, attrs: dict) -> zarr.Group:
@@ -105,6 +128,33 @@ def _open_for_resume(path: Path, attrs: dict) -> zarr.Group:
                 f"requested {_describe(key, attrs[key])}); use --overwrite to start over or --out elsewhere"
             )
     return group
+
+
+def repair(path: Path, group: zarr.Group, arrays: dict, dtype: str, chunks: Sequence[int]) -> dict[str, list[int]]:
+    """Before a resume fills what is left: recreate missing layer arrays and clear the completion
+    flag of every damaged chunk among `chunks` (FeatureCache.verify), so they are computed again.
+    Returns the damage found."""
+    cache = FeatureCache(Path(path), group)
+    if DONE in cache.missing_arrays():
+        raise CacheError(f"{path}: its completion flags ({DONE}) are missing; rerun extract with --overwrite")
+    for name in cache.missing_arrays():
+        create_layer_array(group, name, *arrays[name], dtype)
+    damaged = cache.verify(chunks=chunks)
+    flags = group[DONE]
+    for c in sorted({c for cs in damaged.values() for c in cs}):
+        flags[c] = 0
+    return damaged
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on folder `path` (flock) for the block: shards swapping a cache take turns."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def chunk_ranges(n_images: int, chunk_images: int) -> list[tuple[int, int]]:
@@ -124,7 +174,7 @@ class FeatureCache:
     group: zarr.Group
 
     @classmethod
-    def open(cls, path: Path | str, *, allow_incomplete: bool = False) -> FeatureCache:
+    def open(cls, path: Path | str, *, allow_incomplete: bool = False, check_arrays: bool = True) -> FeatureCache:
         path = Path(path)
         if not path.exists():
             raise CacheError(f"{path}: feature cache not found")
@@ -137,6 +187,12 @@ class FeatureCache:
         if group.attrs.get("version") != VERSION:
             raise CacheError(f"{path}: cache format version {group.attrs.get('version')}, expected {VERSION}")
         cache = cls(path, group)
+        missing = cache.missing_arrays() if check_arrays else []
+        if missing:
+            raise CacheError(
+                f"{path}: the array of {missing[0]!r} is missing (a damaged cache); rerun the same "
+                "`blobenc extract` command to recompute it"
+            )
         if not allow_incomplete and not cache.complete:
             done, total = cache.chunks_done
             raise CacheError(f"{path}: incomplete ({done}/{total} chunks); rerun the same extract command to finish")
@@ -191,39 +247,96 @@ class FeatureCache:
             positions = np.flatnonzero(of_chunk == c)
             local = rows[positions] - c * chunk
             block = None
+            file = self.chunk_file(arr, c)
+            if not file.is_file():  # zarr would read the fill value: zeros taken for features
+                raise self.damaged(layer, c, "its file is missing")
             if len(positions) * SPARSE_FRACTION < chunk:
                 with phase("read by byte range"):  # --profile shows which route the reads took
-                    block = self._read_sparse(arr, c, local)
+                    block = self._read_sparse(arr, c, local, file)
             if block is None:
                 with phase("read whole chunk"):
-                    block = arr[c * chunk : min((c + 1) * chunk, arr.shape[0])][local]
+                    block = self.read_chunk(layer, c)[local]
             if view is not None and self.attrs["views"] > 1:
                 block = block[:, view]
             yield positions, block
 
-    def _read_sparse(self, arr: zarr.Array, c: int, local: np.ndarray) -> np.ndarray | None:
+    def chunk_file(self, arr: zarr.Array, c: int) -> Path:
+        return self.path / arr.path / arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+
+    def damaged(self, layer: str, c: int, why: str) -> CacheError:
+        return CacheError(
+            f"{self.path}: chunk {c} of layer {layer!r} is damaged ({why}); rerun the same `blobenc extract` "
+            f"command to recompute it (`blobenc info {self.path} --verify` lists every damaged chunk)"
+        )
+
+    def read_chunk(self, layer: str, c: int) -> np.ndarray:
+        """Chunk `c` of a layer, whole, its checksum checked."""
+        arr = self.array(layer)
+        chunk = self.attrs["chunk_images"]
+        try:
+            return arr[c * chunk : min((c + 1) * chunk, arr.shape[0])]
+        except (ValueError, OSError) as e:  # a wrong checksum, a short or unreadable file
+            raise self.damaged(layer, c, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    def _read_sparse(self, arr: zarr.Array, c: int, local: np.ndarray, file: Path) -> np.ndarray | None:
         """Rows `local` of chunk `c` read by byte range from its file; None where that layout does
-        not hold (compressed or transposed chunks, a chunk not written)."""
+        not hold (compressed or transposed chunks). The file's size is checked (its checksum only
+        when the whole chunk is read)."""
         meta = arr.metadata
-        plain = len(meta.codecs) == 1 and isinstance(meta.codecs[0], BytesCodec)
-        if not plain or (arr.dtype.itemsize > 1 and meta.codecs[0].endian.value != sys.byteorder):
+        codecs = [type(c) for c in meta.codecs]
+        if codecs not in ([BytesCodec], [BytesCodec, Crc32cCodec]):
+            return None
+        if arr.dtype.itemsize > 1 and meta.codecs[0].endian.value != sys.byteorder:
             return None
         if tuple(meta.chunk_grid.chunk_shape[1:]) != arr.shape[1:]:
             return None
-        file = self.path / arr.path / meta.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
         out = np.empty((len(local), *arr.shape[1:]), dtype=arr.dtype)
-        row_bytes = out[0].nbytes if len(out) else 0
+        row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+        expected = meta.chunk_grid.chunk_shape[0] * row_bytes + 4 * (len(codecs) - 1)
+        fd = os.open(file, os.O_RDONLY)
         try:
-            fd = os.open(file, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
+            size = os.fstat(fd).st_size
+            if size != expected:
+                raise self.damaged(self.layer_of(arr), c, f"{size} bytes, expected {expected}")
             for j, r in enumerate(local.tolist()):
-                if os.preadv(fd, [memoryview(out[j]).cast("B")], r * row_bytes) != row_bytes:
-                    return None  # a short file: let zarr read it (and complain)
+                os.preadv(fd, [memoryview(out[j]).cast("B")], r * row_bytes)
         finally:
             os.close(fd)
         return out
+
+    def layer_of(self, arr: zarr.Array) -> str:
+        return arr.path.rsplit("/", 1)[-1]
+
+    def missing_arrays(self) -> list[str]:
+        """Layer arrays (and the completion flags) the attributes name but the store lacks."""
+        present = set(self.group.array_keys())
+        return [name for name in [*self.layers, DONE] if name not in present]
+
+    def verify(self, progress: bool = False, chunks: Sequence[int] | None = None) -> dict[str, list[int]]:
+        """Read every finished chunk (of `chunks`, default all) of every layer, checking its file
+        and checksum: the damaged chunks of each layer (every chunk of a missing array), empty
+        when the cache is sound."""
+        from blobenc.progress import track
+
+        missing = set(self.missing_arrays())
+        if DONE in missing:
+            return {DONE: []}
+        done = np.flatnonzero(self.done_flags()).tolist()
+        if chunks is not None:
+            done = sorted(set(done) & set(chunks))
+        bad: dict[str, list[int]] = {}
+        for layer in track(self.layers, "verifying", progress, len(self.layers)):
+            if layer in missing:
+                bad[layer] = done
+                continue
+            for c in done:
+                try:
+                    if not self.chunk_file(self.array(layer), c).is_file():
+                        raise self.damaged(layer, c, "its file is missing")
+                    self.read_chunk(layer, c)
+                except CacheError:
+                    bad.setdefault(layer, []).append(c)
+        return bad
 
     def done_flags(self) -> np.ndarray:
         return self.group[DONE][:].astype(bool)
@@ -243,7 +356,9 @@ class FeatureCache:
         done, total = self.chunks_done
         on_disk = {layer: _folder_bytes(self.path / layer) for layer in self.layers}
         itemsize = np.dtype(a["dtype"]).itemsize
-        row_bytes = {layer: int(np.prod(self.array(layer).shape[1:])) * itemsize for layer in self.layers}
+        views = [a["views"]] if a["views"] > 1 else []
+        shapes = {layer: views + list(a["layer_shapes"][layer]) for layer in self.layers}  # arrays may be missing
+        row_bytes = {layer: int(np.prod(shapes[layer])) * itemsize for layer in self.layers}
         # zarr stores a partial last chunk at full size, so the codec's ratio is over whole chunks
         logical = sum(row_bytes.values()) * done * a["chunk_images"]
         return {
@@ -252,10 +367,7 @@ class FeatureCache:
             "trunk": a["trunk"],
             "weights_fingerprint": a["weights_fingerprint"],
             "preprocessing": a["preprocessing"],
-            "layers": {
-                layer: {"shape": list(self.array(layer).shape[1:]), "bytes_on_disk": on_disk[layer]}
-                for layer in self.layers
-            },
+            "layers": {layer: {"shape": shapes[layer], "bytes_on_disk": on_disk[layer]} for layer in self.layers},
             "dtype": a["dtype"],
             "pool": a["pool"],
             "views": a["views"],
@@ -271,4 +383,6 @@ class FeatureCache:
 
 
 def _folder_bytes(path: Path) -> int:
+    if not path.exists():
+        return 0
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

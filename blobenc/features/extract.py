@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -194,11 +195,22 @@ def extract(
     arrays = {n: ((len(keys), *view_shape, *s), (chunk_images, *view_shape, *s)) for n, s in shapes.items()}
     held = min(CHUNKS_HELD, len(ranges)) * min(chunk_images, len(keys)) * sum(row_bytes.values())
     plan = extract_plan(model, prep, layers, config, held)
-    new = overwrite or not cache_mod.is_cache(out)
+    final = out
+    if overwrite and cache_mod.is_cache(out):  # the new cache is built beside the old one, swapped in when whole
+        out = out.parent / f".{out.name}.new"
+        if cache_mod.is_cache(out) and not cache_mod.same_identity(out, attrs):
+            shutil.rmtree(out)  # an earlier --overwrite's, of other settings
+    new = not cache_mod.is_cache(out)
     if new:  # refused before the store exists; a resume is checked below, on what is left
         mine = cache_mod.shard_chunks(len(ranges), *shard)
         _check_plan(plan, sum(ranges[c][1] - ranges[c][0] for c in mine) * sum(row_bytes.values()), out, max_memory)
-    group = cache_mod.create_or_open(out, attrs, arrays, overwrite=overwrite)
+    group = cache_mod.create_or_open(out, attrs, arrays)
+    if not new:  # what an earlier run left may be damaged: those chunks are computed again
+        damaged = cache_mod.repair(
+            out, group, arrays, config.store_dtype, list(cache_mod.shard_chunks(len(ranges), *shard))
+        )
+        for layer, chunks in damaged.items():
+            logger.warning("%s: layer %s: %d damaged chunk(s) recomputed: %s", out, layer, len(chunks), chunks[:10])
 
     done = group[cache_mod.DONE][:].astype(bool)
     mine = [c for c in cache_mod.shard_chunks(len(ranges), *shard) if not done[c]]
@@ -206,7 +218,7 @@ def extract(
     if not new:
         _check_plan(plan, len(rows) * sum(row_bytes.values()), out, max_memory)
     summary = {
-        "cache": str(out),
+        "cache": str(final),
         "images_total": len(keys),
         "chunks_total": len(ranges),
         "chunk_images": chunk_images,
@@ -218,6 +230,7 @@ def extract(
     }
     if not rows:
         summary["chunks_done"] = int(group[cache_mod.DONE][:].sum())
+        _swap_in(out, final)
         return summary
     logger.info(
         "extracting %d images (%d chunks of %d) from %s with %s",
@@ -314,7 +327,23 @@ def extract(
         mb_written=writer.bytes_written / 1e6,
         chunks_done=int(group[cache_mod.DONE][:].sum()),
     )
+    _swap_in(out, final)
     return summary
+
+
+def _swap_in(built: Path, final: Path) -> None:
+    """extract --overwrite: once the cache built beside `final` is complete (every shard's part),
+    it replaces the old one; until then the old one stays whole."""
+    if built == final or not built.exists():
+        return
+    with cache_mod.locked(built.parent):
+        if not built.exists() or not cache_mod.FeatureCache.open(built, allow_incomplete=True).complete:
+            return  # another shard swapped it in, or has chunks left to write
+        old = final.parent / f".{final.name}.old"
+        final.rename(old)
+        built.rename(final)
+        shutil.rmtree(old)
+    logger.info("%s: replaced by the new cache", final)
 
 
 def extract_plan(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from blobenc.errors import BlobencError, ConfigError, ModelError
 from blobenc.features.spec import FeatureSpec
@@ -29,10 +29,12 @@ PCA_FILE = "pca.safetensors"  # the run's group PCA: the frozen embedding, store
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> int:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind. Returns the bytes written."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    # serialized in memory, written by Python: a full or read-only disk is an OSError naming the
+    # file (safetensors' own writer raises an error that names neither)
+    data = save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        size = tmp.stat().st_size
-    return size
+        tmp.write_bytes(data)
+    return len(data)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

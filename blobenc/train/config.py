@@ -50,6 +50,10 @@ class HeadConfig:
     precision: str = "auto"
 
     def check(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value}: expected a finite number")
         positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples")
         for name in positive:
             value = getattr(self, name)
@@ -107,6 +111,8 @@ class FinetuneConfig(HeadConfig):
         super().check()
         if not 0 < self.crop_scale <= 1:
             raise ConfigError(f"crop_scale={self.crop_scale}: expected a fraction in (0, 1]")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"num_workers={self.num_workers}: expected 0 (load in the main process) or more")
 
 
 def _fields(cls) -> dict:

@@ -200,7 +200,7 @@ def finetune(
     if list(dataset.subjects) != spec.subjects:
         raise ModelError(f"{data_root}: subjects {list(dataset.subjects)} differ from the run's {spec.subjects}")
     verify_images([p for s in dataset.subjects.values() for p in s.images["train"]])  # before anything is written
-    start = start_run(out, [config], resume, config, overwrite)
+    start = start_run(out, [config], resume, config, overwrite, checkpoint_minutes)
     if start.finished:
         return finished_summary(out)
     device, amp, distributed, main, resume = start.device, start.amp, start.distributed, start.main, start.resume

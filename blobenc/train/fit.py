@@ -59,20 +59,33 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
         kind="head",
         head=cfg.head,
         pca=pca,
-        kwargs={
-            "layer_shapes": [data.layer_shapes[data.layers.index(n)] for n in layers],
-            "n_subjects": len(data.subjects),
-            "n_vertices": data.group.n_vertices,
-            "hidden_dim": cfg.hidden_dim,
-            "proj_dim": n_components,
-            "dropout": cfg.dropout,
-        },
+        kwargs=head_kwargs(cfg, cache, layers, len(data.subjects), data.group.n_vertices, n_components),
         subjects=data.subjects,
         layers=layers,
         features=cache.feature_spec(),
         cache=str(cache.path),
         group=data.group.to_dict(),
     )
+
+
+def head_kwargs(cfg: HeadConfig, cache: FeatureCache, layers: list[str], n_subjects: int, n_vertices: int, p: int):
+    """The arguments a registered head is built with (ModelSpec.kwargs)."""
+    return {
+        "layer_shapes": [list(cache.attrs["layer_shapes"][n]) for n in layers],
+        "n_subjects": n_subjects,
+        "n_vertices": n_vertices,
+        "hidden_dim": cfg.hidden_dim,
+        "proj_dim": p,
+        "dropout": cfg.dropout,
+    }
+
+
+def head_bytes(cfg: HeadConfig, cache: FeatureCache, layers: list[str], n_subjects: int, n_vertices: int, p: int):
+    """A head's training memory from its trainable parameters (built on the meta device: no
+    memory): weights, gradients, AdamW's two moments and the best epoch's copy, float32."""
+    with torch.device("meta"):
+        head = create_head(cfg.head, **head_kwargs(cfg, cache, list(cfg.layers or layers), n_subjects, n_vertices, p))
+    return 5 * 4 * sum(t.numel() for t in head.parameters() if t.requires_grad)
 
 
 def fit_head(
@@ -115,13 +128,18 @@ def fit_head(
         raise ConfigError(f"--ensemble {ensemble}: more members than the {len(configs)} configs trained")
     base = configs[0]
     run_file = out / "run.json"
-    start = start_run(out, configs, resume, base, overwrite)
+    start = start_run(out, configs, resume, base, overwrite, checkpoint_minutes)
     if start.finished:
         return finished_summary(out)
     device, amp, distributed, main, resume = start.device, start.amp, start.distributed, start.main, start.resume
     cache = FeatureCache.open(cache_path)
     dataset = open_dataset(data_root)
     wanted = {n for c in configs for n in (c.layers or cache.layers)}
+    unknown = sorted(wanted - set(cache.layers))
+    if unknown:
+        raise ConfigError(
+            f"layers: {unknown[0]!r} is not a layer of the cache {cache.path}; it has {', '.join(cache.layers)}"
+        )
     layers = [n for n in cache.layers if n in wanted]
     if resume:
         check_resumed_inputs(out, cache.feature_spec(), layers, dataset_id(dataset))
@@ -149,7 +167,7 @@ def fit_head(
     elif feature_memory is None:  # features stream when the rest of training leaves too little for them
         feature_memory = host_room
         training["features"] = min(in_memory, max(host_room, 0))  # the stream fills what is left
-    plan.check(budget, "lower --set pca_samples or --pca-components, or use a machine with more memory")
+    plan.check(budget, "lower --set hidden_dim or pca_samples, or --pca-components, or use a machine with more memory")
     logger.info(plan.describe())
     start.claim()
     if main:
@@ -265,6 +283,7 @@ def head_plan(
         "embeddings": (len(configs) + 1) * v * p * 4,
         "embedded targets": n_train * p * 4 + n_subjects * p * p * 4,
         "validation predictions": 3 * n_val * v * 4,
+        "heads": sum(head_bytes(c, cache, layers, n_subjects, v, c.proj_dim) for c in resolved),
     }
     if not pca_given:
         m = min(n_train, resolved[0].pca_samples)

@@ -311,94 +311,106 @@ def fit_ridge(
     if is_main():  # locked: a second fit-ridge into the same --out is refused, not interleaved
         staging.claim(clear=True)  # what a killed run left
     barrier()
-    mine = my_share(list(enumerate(data.subjects)))
-    for i, name in track(mine, "fit-ridge", progress, len(mine)):
-        ts = time.perf_counter()
-        subject = dataset.subjects[name]
-        part_rows = {p: dict(data.sets[p].rows)[i] for p in ("train", "val")}
-        tr = np.flatnonzero(data.sets["train"].subject == i)
-        va = np.flatnonzero(data.sets["val"].subject == i)
-        Y = torch.as_tensor(subject.responses("train", part_rows["train"]), device=device)
-        fit, pred = _solve(feats, rows["train"][tr], Y, config, device, val_rows=rows["val"][va], keep=not config.refit)
-        val_pred[np.ix_(va, data.group_index[name])] = pred.cpu().numpy()
-        if config.refit:  # every training image, validation ones included: the model predict uses
-            all_rows = np.sort(np.concatenate([part_rows["train"], part_rows["val"]]))
-            Y = torch.as_tensor(subject.responses("train", all_rows), device=device)
-            fit, _ = _solve(feats, cache.rows([subject.keys["train"][r] for r in all_rows.tolist()]), Y, config, device)
-        _save_fit(tmp / "weights" / f"{name}.safetensors", fit, layers, cache)  # one subject's weights in RAM at a time
-        records.append(
-            {
-                "subject": name,
-                "solver": fit.solver,
-                "form": fit.form,
-                "features": config.features,
-                "alpha_median": float(fit.alpha.median()),
-                "n_train": len(tr),
-                "seconds": time.perf_counter() - ts,
-                "rank": rank(),  # the torchrun process that solved it (0 alone)
-            }
-        )
-        del fit, Y
-        if not is_main():  # handed to rank 0 through the shared folder: ~150 MB a subject at the NSD
-            np.save(tmp / "weights" / f".val-{name}.npy", val_pred[np.ix_(va, data.group_index[name])])
-    records = [r for part in gather_objects(records) for r in part]
-    if not is_main():
-        barrier()  # rank 0 reads the validation predictions, then renames the run
-        return None
-    if world_size() > 1:
-        for i, name in enumerate(data.subjects):
-            file = tmp / "weights" / f".val-{name}.npy"
+    try:
+        mine = my_share(list(enumerate(data.subjects)))
+        for i, name in track(mine, "fit-ridge", progress, len(mine)):
+            ts = time.perf_counter()
+            subject = dataset.subjects[name]
+            part_rows = {p: dict(data.sets[p].rows)[i] for p in ("train", "val")}
+            tr = np.flatnonzero(data.sets["train"].subject == i)
             va = np.flatnonzero(data.sets["val"].subject == i)
-            if file.is_file():  # rank 0's own subjects are in val_pred already and have no file
-                val_pred[np.ix_(va, data.group_index[name])] = np.load(file)
-                file.unlink()
-    records.sort(key=lambda r: data.subjects.index(r["subject"]))
-    val = validation_scores(
-        val_pred, data.val_target, data.sets["val"].subject, data.subjects, data.group_index, data.group.n_vertices
-    )
-    for r in records:
-        r["val"] = val["subjects"].get(r["subject"])
-    val_rois = save_validation(tmp, val_pred, data, ".")
-    seconds = time.perf_counter() - t0
+            Y = torch.as_tensor(subject.responses("train", part_rows["train"]), device=device)
+            fit, pred = _solve(
+                feats, rows["train"][tr], Y, config, device, val_rows=rows["val"][va], keep=not config.refit
+            )
+            val_pred[np.ix_(va, data.group_index[name])] = pred.cpu().numpy()
+            if config.refit:  # every training image, validation ones included: the model predict uses
+                all_rows = np.sort(np.concatenate([part_rows["train"], part_rows["val"]]))
+                Y = torch.as_tensor(subject.responses("train", all_rows), device=device)
+                fit, _ = _solve(
+                    feats, cache.rows([subject.keys["train"][r] for r in all_rows.tolist()]), Y, config, device
+                )
+            _save_fit(
+                tmp / "weights" / f"{name}.safetensors", fit, layers, cache
+            )  # one subject's weights in RAM at a time
+            records.append(
+                {
+                    "subject": name,
+                    "solver": fit.solver,
+                    "form": fit.form,
+                    "features": config.features,
+                    "alpha_median": float(fit.alpha.median()),
+                    "n_train": len(tr),
+                    "seconds": time.perf_counter() - ts,
+                    "rank": rank(),  # the torchrun process that solved it (0 alone)
+                }
+            )
+            del fit, Y
+            if not is_main():  # handed to rank 0 through the shared folder: ~150 MB a subject at the NSD
+                np.save(tmp / "weights" / f".val-{name}.npy", val_pred[np.ix_(va, data.group_index[name])])
+        records = [r for part in gather_objects(records) for r in part]
+        if not is_main():
+            barrier()  # rank 0 reads the validation predictions, then renames the run
+            return None
+        if world_size() > 1:
+            for i, name in enumerate(data.subjects):
+                file = tmp / "weights" / f".val-{name}.npy"
+                va = np.flatnonzero(data.sets["val"].subject == i)
+                if file.is_file():  # rank 0's own subjects are in val_pred already and have no file
+                    val_pred[np.ix_(va, data.group_index[name])] = np.load(file)
+                    file.unlink()
+        records.sort(key=lambda r: data.subjects.index(r["subject"]))
+        val = validation_scores(
+            val_pred, data.val_target, data.sets["val"].subject, data.subjects, data.group_index, data.group.n_vertices
+        )
+        for r in records:
+            r["val"] = val["subjects"].get(r["subject"])
+        val_rois = save_validation(tmp, val_pred, data, ".")
+        seconds = time.perf_counter() - t0
 
-    split.save(tmp / "split.json")
-    with (tmp / "metrics.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    ModelSpec(
-        kind="ridge",
-        head="ridge",
-        subjects=data.subjects,
-        layers=layers,
-        features=cache.feature_spec(),
-        cache=str(cache.path),
-        group=data.group.to_dict(),
-        ridge={"features": config.features, "banded": config.banded, "refit": config.refit},
-    ).write(tmp / "model.json")
-    summary = {
-        "kind": "fit-ridge",
-        "best_epoch": None,
-        "val": val,
-        "val_rois": val_rois,
-        "trial": ".",
-        "seconds": seconds,
-        "subjects": records,
-        "trials": [],
-    }
-    write_json(tmp / "summary.json", summary)
-    RunSpec(
-        kind="fit-ridge",
-        command=shlex.join(sys.argv),
-        cache=str(cache_path),
-        data=str(data_root),
-        configs=[config.to_dict()],
-        features=cache.feature_spec().to_dict(),
-        dataset=dataset_id(dataset),
-        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    ).write(tmp / "run.json")
-    old = out.parent / f".{out.name}.old"
-    if out.exists():  # an empty folder made for us, or the run --overwrite replaces
-        out.rename(old)
-    tmp.rename(out)
+        split.save(tmp / "split.json")
+        with (tmp / "metrics.jsonl").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        ModelSpec(
+            kind="ridge",
+            head="ridge",
+            subjects=data.subjects,
+            layers=layers,
+            features=cache.feature_spec(),
+            cache=str(cache.path),
+            group=data.group.to_dict(),
+            ridge={"features": config.features, "banded": config.banded, "refit": config.refit},
+        ).write(tmp / "model.json")
+        summary = {
+            "kind": "fit-ridge",
+            "best_epoch": None,
+            "val": val,
+            "val_rois": val_rois,
+            "trial": ".",
+            "seconds": seconds,
+            "subjects": records,
+            "trials": [],
+        }
+        write_json(tmp / "summary.json", summary)
+        RunSpec(
+            kind="fit-ridge",
+            command=shlex.join(sys.argv),
+            cache=str(cache_path),
+            data=str(data_root),
+            configs=[config.to_dict()],
+            features=cache.feature_spec().to_dict(),
+            dataset=dataset_id(dataset),
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ).write(tmp / "run.json")
+        old = out.parent / f".{out.name}.old"
+        if out.exists():  # an empty folder made for us, or the run --overwrite replaces
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:  # an error or Ctrl-C: no half-written run is left beside --out
+        if is_main():
+            staging.release()
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     staging.release()
     shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -87,10 +87,16 @@ class RunStart:
             self.folder.claim(clear=self.mode == "restart")
 
 
-def start_run(out: Path, configs: list, resume: bool, base, overwrite: bool = False) -> RunStart:
+def start_run(
+    out: Path, configs: list, resume: bool, base, overwrite: bool = False, checkpoint_minutes: float = 10.0
+) -> RunStart:
     """Device, precision, process group; the run folder checked (RunFolder.check) and, for a
     --resume, locked and checked to have been started with the same configs. The folder is made
     (`RunStart.claim`) only once the caller's plan is checked: a refused run leaves nothing."""
+    for c in configs:
+        c.check()
+    if not (math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
+        raise ConfigError(f"--checkpoint-minutes {checkpoint_minutes}: expected a positive number of minutes")
     device = resolve_device(base.device)
     amp = resolve_precision(base.precision, device)
     distributed = init_from_env(device)
