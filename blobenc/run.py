@@ -4,6 +4,7 @@ best trial, an ensemble, finetune, fit-ridge, an imported reference) as an `Enco
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,9 @@ from blobenc.heads import HeadEnsemble, create_head
 from blobenc.profile import timed
 from blobenc.runtime import autocast, resolve_device, resolve_precision
 from blobenc.train.checkpoint import ModelSpec, load_state, load_weights, resolve_run
+from blobenc.train.runfolder import RunFolder
+
+logger = logging.getLogger(__name__)
 
 
 class Encoder:
@@ -172,6 +176,8 @@ def load_run(run: Path | str, which: str = "best") -> Encoder:
     """Rebuild a fitted model from its run folder alone: model.json + <which>.safetensors (the frozen
     embedding from the run's PCA file when the checkpoint does not hold it). A sweep gives its best
     trial; a run with `ensemble.json` (fit-head --ensemble) all its members, averaged."""
+    if (Path(run) / "run.json").is_file() and RunFolder(run).state() == "unfinished":
+        logger.warning("%s: the run has not finished (or was interrupted); using its %s weights so far", run, which)
     if (Path(run) / "ensemble.json").is_file():
         return _load_ensemble(Path(run), which)
     tdir = resolve_run(run)

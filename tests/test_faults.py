@@ -8,7 +8,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +250,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_cache, tr
         (["--set", "layers=[blocks.7]"], "'blocks.7' is not a layer of the cache"),
         (["--set", "lr=nan"], "lr=nan: expected a finite number"),
         (["--set", "lr=inf"], "lr=inf: expected a finite number"),
-        (["--checkpoint-minutes", "-5"], "--checkpoint-minutes -5.0: expected a positive"),
+        (["--checkpoint-minutes", "-5"], "--checkpoint-minutes -5.0: expected minutes >= 0"),
         (["--set", "hidden_dim=10000000"], "--max-memory"),
     ],
 )
@@ -297,3 +300,77 @@ def test_predictions_for_another_dataset_are_refused(small_cache, train_data, tm
     (pred / ".predict-999999999-dead").mkdir()  # what a killed predict leaves
     res = runner.invoke(app, ["predict", str(ridge), "--data", str(train_data), "--out", str(pred), "-q"])
     assert res.exit_code == 0 and not list(pred.glob(".predict-*"))
+
+
+# --- kill -9 at seeded random points, then the rerun the user is told to type ------------------
+
+
+def _blobenc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "blobenc", *args]
+
+
+def _killed_then_rerun(cmd: list[str], rerun: list[str], whole: list[str], seed: int) -> None:
+    """Run `whole` uninterrupted; run `cmd` and SIGKILL it after a seeded random share of the time
+    `whole` took, then run `rerun` to the end."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    subprocess.run(whole, env=env, check=True, capture_output=True)
+    delay = np.random.default_rng(seed).uniform(0.4, 0.9) * (time.perf_counter() - t0)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+        pytest.fail(f"{cmd[3]} ended before it was killed at {delay:.1f} s")
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = subprocess.run(rerun, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def _arrays(folder: Path, pattern: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for p in sorted(folder.rglob(pattern)):
+        out |= {f"{p.relative_to(folder)}:{k}": v for k, v in (load_file(p) if p.suffix == ".safetensors" else
+                                                                {"": np.load(p)}).items()}  # fmt: skip
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_at_random_points_then_rerun_equals_uninterrupted(seed, small_cache, train_data, tmp_path):
+    data, cache = str(train_data), str(small_cache)
+    often = ["--checkpoint-minutes", "0.001", "-q"]
+    # command -> (its arguments before --out, after it, what the interrupted one is rerun with,
+    # the files compared)
+    commands = {
+        "head": (["fit-head", cache, "--data", data], [*FAST, "--set", "epochs=4", *often], ["--resume"],
+                 "best.safetensors"),
+        "ft": (["finetune", str(tmp_path / "head-whole"), "--data", data],
+               ["--set", "epochs=2", "--set", "batch_size=32", "--set", "num_workers=0", "--device", "cpu", *often],
+               ["--resume"], "best.safetensors"),
+        "ridge": (["fit-ridge", cache, "--data", data], ["-q"], [], "*.safetensors"),
+        "pred": (["predict", str(tmp_path / "head-whole"), "--data", data], ["-q"], [], "*.npy"),
+    }  # fmt: skip
+    for name, (head, tail, rerun, files) in commands.items():
+        killed, whole = tmp_path / name, tmp_path / f"{name}-whole"
+        _killed_then_rerun(
+            _blobenc(*head, "--out", str(killed), *tail),
+            _blobenc(*head, "--out", str(killed), *tail, *rerun),
+            _blobenc(*head, "--out", str(whole), *tail),
+            seed,
+        )
+        _same(_arrays(killed, files), _arrays(whole, files))
+    assert not list((tmp_path / "pred").glob(".predict-*"))
+    killed, whole = tmp_path / "cache", tmp_path / "cache-whole"
+    extract = [_blobenc(*extract_args(train_data, out)) for out in (killed, killed, whole)]
+    _killed_then_rerun(*extract, seed)
+    assert digest(killed) == digest(whole)

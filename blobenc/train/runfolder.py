@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from blobenc.errors import ConfigError
+from blobenc.files import read_json
 
 # Files a folder may hold and still count as empty: the CLI's log (written from the first line).
 KEEP = frozenset({"log.txt"})
@@ -43,6 +44,11 @@ class RunFolder:
                     return "finished"
             except ConfigError:
                 pass  # a damaged run.json: unfinished, which --resume checks and --overwrite replaces
+        try:  # runs from before run.json recorded the end: the run's summary gets its time at the end
+            if "seconds" in read_json(self.out / "summary.json"):
+                return "finished"
+        except ConfigError:
+            pass
         return "unfinished"
 
     def check(self, resume: bool, overwrite: bool) -> str:

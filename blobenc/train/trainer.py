@@ -95,8 +95,8 @@ def start_run(
     (`RunStart.claim`) only once the caller's plan is checked: a refused run leaves nothing."""
     for c in configs:
         c.check()
-    if not (math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
-        raise ConfigError(f"--checkpoint-minutes {checkpoint_minutes}: expected a positive number of minutes")
+    if not (math.isfinite(checkpoint_minutes) and checkpoint_minutes >= 0):
+        raise ConfigError(f"--checkpoint-minutes {checkpoint_minutes}: expected minutes >= 0 (0: every epoch)")
     device = resolve_device(base.device)
     amp = resolve_precision(base.precision, device)
     distributed = init_from_env(device)
