@@ -52,17 +52,18 @@ class RunFolder:
         return "unfinished"
 
     def check(self, resume: bool, overwrite: bool) -> str:
-        """What this run will do with the folder: "new", "restart" (cleared: --overwrite, or a
-        --resume with no checkpoint to go on from), "continue" or "finished" (--resume of a run that
-        ended: left as it is). Refuses a rerun into an unfinished or finished run without an option."""
+        """What this run will do with the folder: "new" (also a --resume of a run that made nothing
+        yet), "restart" (cleared: --overwrite, or a --resume with no checkpoint to go on from),
+        "continue" or "finished" (--resume of a run that ended: left as it is). Refuses a rerun into
+        an unfinished or finished run without an option."""
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
         state = self.state()
         if overwrite:
             return "restart" if state in ("unfinished", "finished") else "new"
         if resume:
-            if state == "absent":
-                raise ConfigError(f"--out {self.out}: not found; nothing to --resume (run without it to start)")
+            if state in ("absent", "empty"):  # killed before it made anything: a job script's --resume starts it
+                return "new"
             if state == "finished":
                 return "finished"
             return "continue" if self.has_checkpoint() else "restart"

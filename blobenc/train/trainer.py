@@ -106,7 +106,7 @@ def start_run(
     start = RunStart(device, amp, distributed, main, folder, mode)
     if mode == "finished":
         logger.warning("%s: the run finished earlier; left as it is (--overwrite trains it again)", out)
-    elif mode == "restart" and resume:
+    elif mode in ("new", "restart") and resume:
         logger.warning("%s: no checkpoint was written before the run stopped; starting it over", out)
     elif mode == "continue":
         if main:
