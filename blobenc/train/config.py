@@ -34,6 +34,8 @@ class HeadConfig:
     weight_decay: float = 0.8
     dropout: float = 0.5  # reference: 0.9
     hidden_dim: int = 256  # reference: 1024
+    queries: int = 32  # head query_readout: its queries (blobenc/query_readout.py)
+    depth: int = 1  # head query_readout: its cross-attention blocks
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     pca_samples: int = 16000  # the group PCA is fitted on at most this many training samples (seeded draw)
     feature_dtype: str = "cache"  # features in memory as the cache stores them, or int8 (half of float16)
@@ -50,7 +52,7 @@ class HeadConfig:
     precision: str = "auto"
 
     def check(self) -> None:
-        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples")
+        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples", "queries", "depth")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -95,6 +97,8 @@ class FinetuneConfig(HeadConfig):
         "head",
         "layers",
         "hidden_dim",
+        "queries",
+        "depth",
         "proj_dim",
         "dropout",
         "val_fraction",

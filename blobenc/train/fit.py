@@ -16,7 +16,7 @@ from blobenc.distributed import all_agree
 from blobenc.errors import ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.files import write_json
-from blobenc.heads import create_head
+from blobenc.heads import create_head, head_options
 from blobenc.pca import GroupPCA
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import timed
@@ -57,7 +57,8 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
             "hidden_dim": cfg.hidden_dim,
             "proj_dim": n_components,
             "dropout": cfg.dropout,
-        },
+        }
+        | head_options(cfg.head, cfg.to_dict()),
         subjects=data.subjects,
         layers=layers,
         features=cache.feature_spec(),
