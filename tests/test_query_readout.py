@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from blobenc import ConfigError
 from blobenc.heads import create_head, head_options, list_heads
 from blobenc.query_readout import QueryReadout, sincos_1d
-from blobenc.train.config import load_config, sweep_configs
+from blobenc.train.config import HEAD_DEFAULTS, load_config, sweep_configs
 from blobenc.train.fit import fit_head
 from blobenc.train.step import EmbeddedTargets, embedded_mse
 
@@ -36,6 +36,10 @@ def test_registry_options_and_shapes():
     assert head_options("query_readout", {"queries": 8, "depth": 2, "lr": 1.0}) == {"queries": 8, "depth": 2}
     assert head_options("group_linear", {"queries": 8}) == {}
     assert load_config(overrides=["head=query_readout", "queries=16", "depth=2"]).queries == 16
+    # the head's measured defaults where they differ from the group-linear head's; --set stands
+    own = load_config(overrides=["head=query_readout", "lr=3e-3"])
+    assert (own.hidden_dim, own.dropout, own.lr) == (HEAD_DEFAULTS["query_readout"]["hidden_dim"], 0.0, 3e-3)
+    assert load_config().hidden_dim == 256
     with pytest.raises(ConfigError, match="queries=0: expected a positive value"):
         load_config(overrides=["queries=0"])
     m = head([(5, 4, 4), (17, 8)], depth=2)

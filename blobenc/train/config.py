@@ -181,8 +181,14 @@ def runtime_overrides(device: str, precision: str) -> list[str]:
     return [f"{k}={v}" for k, v in (("device", device), ("precision", precision)) if v != "auto"]
 
 
+# A head's own defaults for keys every head shares, where measurements chose other values than the
+# group-linear head's (docs/fit-head.md, "The query-readout head"); a config file or --set stands.
+HEAD_DEFAULTS: dict[str, dict] = {"query_readout": {"hidden_dim": 128, "lr": 1e-2, "dropout": 0.0}}
+
+
 def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadConfig) -> HeadConfig:
-    """Defaults, then a YAML file of reference keys, then `key=value` overrides; checked."""
+    """Defaults (the head's own, HEAD_DEFAULTS), then a YAML file of reference keys, then `key=value`
+    overrides; checked."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -200,6 +206,9 @@ def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadCon
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value")
         values[key.strip()] = parse_value(text)
+    if "head" in _fields(cls):
+        for key, value in HEAD_DEFAULTS.get(values.get("head", cls.head), {}).items():
+            values.setdefault(key, value)
     config = cls(**{k: _coerce(k, v, cls) for k, v in values.items()})
     config.check()
     return config
