@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--trunks", nargs="+", default=["pretrained", "random"], choices=["pretrained", "random"])
     ap.add_argument("--finetune", action="store_true")
     ap.add_argument("--heads", nargs="+", default=["group_linear"], choices=["group_linear", "query_readout"])
+    ap.add_argument("--no-sklearn", action="store_true", help="skip scikit-learn's RidgeCV (fit-ridge's check)")
     ap.add_argument("--step-times", action="store_true", help="per-step seconds of both heads, interleaved")
     ap.add_argument("--pca-subsample", action="store_true")
     ap.add_argument("--int8", action="store_true", help="fit-head with the features held as int8 in memory")
@@ -209,7 +210,7 @@ def main() -> None:
                          *extra]
                     )  # fmt: skip
             sk = d / "pred-sklearn"
-            if not sk.exists():  # written beside, renamed when complete: a killed run is not taken for one
+            if not sk.exists() and not args.no_sklearn:  # written beside, renamed when complete: never half
                 part = d / "pred-sklearn.partial"
                 rows["sklearn"] = run(
                     [sys.executable, __file__, "--workdir", str(work), "--sklearn", str(cache), str(data), str(part)]
@@ -222,8 +223,10 @@ def main() -> None:
                     predicted([ridge], data, d / "pred-ridge"),
                     rows.get("fit-ridge"),
                 ),
-                ("sklearn RidgeCV, intercept, LOO alpha per vertex", None, scores(sk, data), rows.get("sklearn")),
             ]
+            if sk.exists():
+                label = "sklearn RidgeCV, intercept, LOO alpha per vertex"
+                results.append((label, None, scores(sk, data), rows.get("sklearn")))
             for name in args.heads:
                 label = "fit-head (defaults)" if name == "group_linear" else f"fit-head, {' '.join(QUERY_SETTINGS)}"
                 out = head_dirs[name]
