@@ -11,7 +11,7 @@ from helpers import assert_same_weights, cfg
 from safetensors.torch import load_file
 
 from blobenc import ConfigError
-from blobenc.heads import create_head, head_options, list_heads
+from blobenc.heads import head_options, list_heads
 from blobenc.query_readout import QueryReadout, sincos_1d
 from blobenc.train.config import HEAD_DEFAULTS, load_config, sweep_configs
 from blobenc.train.fit import fit_head
@@ -37,8 +37,8 @@ def test_registry_options_and_shapes():
     assert head_options("group_linear", {"queries": 8}) == {}
     assert load_config(overrides=["head=query_readout", "queries=16", "depth=2"]).queries == 16
     # the head's measured defaults where they differ from the group-linear head's; --set stands
-    own = load_config(overrides=["head=query_readout", "lr=3e-3"])
-    assert (own.hidden_dim, own.dropout, own.lr) == (HEAD_DEFAULTS["query_readout"]["hidden_dim"], 0.0, 3e-3)
+    own = load_config(overrides=["head=query_readout", "lr=5e-4"])
+    assert (own.hidden_dim, own.dropout, own.lr) == (HEAD_DEFAULTS["query_readout"]["hidden_dim"], 0.0, 5e-4)
     assert load_config().hidden_dim == 256
     with pytest.raises(ConfigError, match="queries=0: expected a positive value"):
         load_config(overrides=["queries=0"])

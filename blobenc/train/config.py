@@ -52,7 +52,10 @@ class HeadConfig:
     precision: str = "auto"
 
     def check(self) -> None:
-        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples", "queries", "depth")
+        positive = (
+            *("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples"),
+            *("queries", "depth"),
+        )
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -183,7 +186,7 @@ def runtime_overrides(device: str, precision: str) -> list[str]:
 
 # A head's own defaults for keys every head shares, where measurements chose other values than the
 # group-linear head's (docs/fit-head.md, "The query-readout head"); a config file or --set stands.
-HEAD_DEFAULTS: dict[str, dict] = {"query_readout": {"hidden_dim": 128, "lr": 1e-2, "dropout": 0.0}}
+HEAD_DEFAULTS: dict[str, dict] = {"query_readout": {"hidden_dim": 128, "lr": 3e-3, "dropout": 0.0}}
 
 
 def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadConfig) -> HeadConfig:
