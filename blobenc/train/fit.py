@@ -16,7 +16,7 @@ from blobenc.distributed import all_agree
 from blobenc.errors import ConfigError
 from blobenc.features.cache import FeatureCache
 from blobenc.files import write_json
-from blobenc.heads import create_head
+from blobenc.heads import create_head, head_options
 from blobenc.pca import GroupPCA
 from blobenc.plan import BASELINE, MemoryPlan, available_memory
 from blobenc.profile import timed
@@ -77,7 +77,7 @@ def head_kwargs(cfg: HeadConfig, cache: FeatureCache, layers: list[str], n_subje
         "hidden_dim": cfg.hidden_dim,
         "proj_dim": p,
         "dropout": cfg.dropout,
-    }
+    } | head_options(cfg.head, cfg.to_dict())
 
 
 def head_bytes(cfg: HeadConfig, cache: FeatureCache, layers: list[str], n_subjects: int, n_vertices: int, p: int):

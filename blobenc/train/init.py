@@ -42,7 +42,7 @@ def closed_form_start(models: list[tuple], data, batch_size: int, weight: torch.
     todo, copies = [], {}  # copies: id(model) -> the model whose start it takes
     first_of: dict = {}
     for m, idx, how in models:
-        if how == "random":
+        if how == "random" or not hasattr(m, "feat_projs"):  # a head with no closed-form start: its own init
             continue
         key = (how, tuple(idx), _fingerprint(m))
         if key in first_of:
