@@ -2,7 +2,7 @@
 (docs/benchmarks.md, "compare: a model x layer leaderboard in one pass").
 
     python benchmarks/compare.py --workdir /tmp/bench-compare --train-images 250 [--subjects 2]
-                                 [--vertices small|full] [--image-size 64]
+                                 [--vertices small|full] [--image-size 64] [--refit both|yes|no]
 
 A synthetic Algonauts-layout dataset (a seed no test uses) and three random-init trunks of
 different depth cached at every block (test_vit: 4 blocks, test_resnet: 4 stages, test_convnext:
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--vertices", default="small")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--skip-separate", action="store_true", help="only compare (and its report)")
+    ap.add_argument("--refit", default="both", choices=["both", "yes", "no"], help="which fit-ridge runs to time")
     args = ap.parse_args()
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
@@ -68,21 +69,22 @@ def main() -> None:
     layers = {c.name: FeatureCache.open(c).layers for c in caches}
     out: dict = {"train_images": args.train_images, "subjects": args.subjects, "vertices": args.vertices}
     out["layers"] = layers
-    cmp = w / "cmp"
-    shutil.rmtree(cmp, ignore_errors=True)
-    cmd = [*BLOBENC, "compare", *map(str, caches), "--data", str(data), "--out", str(cmp), "-q",
-           "--partition", "test_vit", "--partition", "test_resnet"]  # fmt: skip
-    out["compare_s"], out["compare_rss_mb"] = timed(cmd)
+    cmp, plain = w / "cmp", w / "cmp-no-partition"
     n_sets = sum(len(v) + 1 for v in layers.values())
     out["compare_fits"] = n_sets * args.subjects
-    out["compare_s_per_fit"] = out["compare_s"] / out["compare_fits"]
-    cmd_np = cmd[: cmd.index("--partition")]
-    shutil.rmtree(cmp, ignore_errors=True)
-    out["compare_no_partition_s"], _ = timed(cmd_np)
+    shutil.rmtree(plain, ignore_errors=True)
+    cmd = [*BLOBENC, "compare", *map(str, caches), "--data", str(data), "--out", str(plain), "-q"]
+    out["compare_no_partition_s"], out["compare_no_partition_rss_mb"] = timed(cmd)
     out["compare_no_partition_s_per_fit"] = out["compare_no_partition_s"] / out["compare_fits"]
+    shutil.rmtree(cmp, ignore_errors=True)
+    cmd = [*cmd[:-3], "--out", str(cmp), "-q", "--partition", "test_vit", "--partition", "test_resnet"]
+    out["compare_s"], out["compare_rss_mb"] = timed(cmd)
+    t0 = time.perf_counter()
+    subprocess.run([*BLOBENC, "report", str(cmp), "--out", str(w / "cmp.html"), "-q"], check=True)
+    out["report_s"] = time.perf_counter() - t0
     print(json.dumps(out), flush=True)
     if not args.skip_separate:
-        for refit in (True, False):
+        for refit in {"both": (True, False), "yes": (True,), "no": (False,)}[args.refit]:
             total, peak, runs = 0.0, 0.0, 0
             for cache in caches:
                 for sel in [["--layers", n] for n in layers[cache.name]] + [[]]:
@@ -96,8 +98,9 @@ def main() -> None:
             out[f"{key}_s"], out[f"{key}_rss_mb"], out[f"{key}_runs"] = total, peak, runs
             out[f"{key}_s_per_fit"] = total / (runs * args.subjects)
             print(json.dumps(out), flush=True)
-        out["speedup_vs_fit_ridge"] = out["fit_ridge_s"] / out["compare_no_partition_s"]
-        out["speedup_vs_fit_ridge_no_refit"] = out["fit_ridge_no_refit_s"] / out["compare_no_partition_s"]
+        for key in ("fit_ridge", "fit_ridge_no_refit"):
+            if f"{key}_s" in out:
+                out[f"speedup_vs_{key}"] = out[f"{key}_s"] / out["compare_no_partition_s"]
     print(json.dumps(out, indent=1))
 
 

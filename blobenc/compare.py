@@ -320,7 +320,11 @@ def compare(
         "subjects": subjects,
         "partition": [dataclasses.asdict(fs) for fs in sets] if sets else None,
     }
-    _start(out, header)
+    if is_main():
+        _start(out, header)
+    barrier()  # under torchrun rank 0 writes compare.json first
+    if not is_main():
+        _start(out, header)
     plan = compare_plan(sources, rows, dataset, config, sets)
     budget = available_memory() if max_memory is None else max_memory
     plan.check(budget, "use fewer --layers, --features mean, fewer caches per shard, or a machine with more memory")
@@ -348,20 +352,23 @@ def compare(
 
 
 def _start(out: Path, header: dict) -> None:
-    """Write CMP/compare.json, or check that the one there describes the same comparison (resume)."""
+    """Write CMP/compare.json, or check that the one there describes the same comparison (resume;
+    shards started together may both write it: the same content, renamed into place)."""
     file = out / "compare.json"
-    if file.is_file():
-        stored = read_json(file)
-        for key in ("config", "caches", "subjects", "partition"):
-            if stored.get(key) != header[key]:
-                raise ConfigError(
-                    f"{out}: holds a comparison with another {key} (stored {stored.get(key)!r}); "
-                    "rerun with the same caches and options to resume, or choose a new --out"
-                )
-        return
-    if out.exists() and any(p.name != "units" for p in out.iterdir()):
-        raise ConfigError(f"{out}: exists, is not empty and holds no comparison; choose a new --out")
-    write_json(file, header)
+    if not file.is_file():
+        if out.exists() and any(p.name != "units" and not p.name.startswith(".") for p in out.iterdir()):
+            raise ConfigError(f"{out}: exists, is not empty and holds no comparison; choose a new --out")
+        try:
+            write_json(file, header)
+        except FileNotFoundError:  # another shard renamed the same temporary file first
+            pass
+    stored = read_json(file)
+    for key in ("config", "caches", "subjects", "partition"):
+        if stored.get(key) != header[key]:
+            raise ConfigError(
+                f"{out}: holds a comparison with another {key} (stored {stored.get(key)!r}); "
+                "rerun with the same caches and options to resume, or choose a new --out"
+            )
 
 
 def _run_source(c, src, sources, sets, work, rows, dataset, out, config, device, progress) -> int:

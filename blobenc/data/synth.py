@@ -45,6 +45,7 @@ N_REPEATS = 3
 _GRID = 16
 _N_FEATURES = 6
 _N_UNITS = (16, 24)  # late features: units of the first and second nonlinear stage
+LATE_SHARE = 0.7  # the most of a vertex's signal that comes from the late (nonlinear) features
 _FS5 = 10242  # fsaverage5's vertices: the first of any finer fsaverage mesh
 PATCH_FILE = Path(__file__).with_name("fsaverage5_patch.npz")  # scripts/fsaverage_patch.py writes it
 # Real per-hemisphere vertex counts of the Algonauts 2023 challenge data; subjects 6 and 8 drop some.
@@ -265,7 +266,7 @@ def _early_weights(rng: np.random.Generator, s: np.ndarray, phi: np.ndarray) -> 
     polar angle phi whose eccentricity and size grow with depth, times a tuning over the maps."""
     ecc = np.clip(0.06 + 0.3 * s + 0.03 * _smooth2(rng, s, phi, 1)[:, 0], 0, 0.45)
     cy, cx = 0.5 + ecc * np.cos(phi), 0.5 + ecc * np.sin(phi)
-    sigma = 0.05 + 0.2 * s
+    sigma = 0.1 + 0.17 * s
     grid = (np.arange(_GRID) + 0.5) / _GRID
     rf = np.exp(
         -((grid[None, :, None] - cy[:, None, None]) ** 2 + (grid[None, None, :] - cx[:, None, None]) ** 2)
@@ -289,10 +290,10 @@ def late_features(x: np.ndarray, units: tuple[np.ndarray, np.ndarray]) -> np.nda
 
 
 def _late_share(s: np.ndarray) -> np.ndarray:
-    """How much of a vertex's signal comes from the late features: 0 up to depth 0.25, rising to
-    half beyond 0.75 (the rest stays linear in the local features, with large receptive fields)."""
-    t = np.clip((s - 0.25) / 0.5, 0, 1)
-    return 0.5 * t * t * (3 - 2 * t)
+    """How much of a vertex's signal comes from the late features: 0 up to depth 0.2, rising to
+    LATE_SHARE beyond 0.7 (the rest stays linear in the local features, with large receptive fields)."""
+    t = np.clip((s - 0.2) / 0.5, 0, 1)
+    return LATE_SHARE * t * t * (3 - 2 * t)
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:

@@ -116,7 +116,7 @@ def _heatmaps(board: list[dict]) -> list[dict]:
     out = []
     for group, rois in groups.items():
         panels = [(roi if group != "all" else "every target", models) for roi, models in rois.items()]
-        fig = figures.depth_heatmap_figure(panels, "validation R², mean over subjects")
+        fig = figures.depth_heatmap_figure(panels, "validation R² minus the ROI's best")
         out.append({"group": group, "figure": _figure(fig, f"model x depth heatmap, {group}")})
     return out
 
