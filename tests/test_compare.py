@@ -98,12 +98,12 @@ def layered_data(small_cache, train_data, tmp_path_factory):
 
 def test_best_layer_table_and_map_find_the_layer_with_the_signal(small_cache, layered_data, tmp_path):
     cmp = tmp_path / "cmp"
-    _compare([small_cache], layered_data, cmp)
+    _compare([small_cache], layered_data, cmp, "--val-fraction", "0.3")  # 18 validation images a subject
     best = pd.read_csv(cmp / "best_layers.csv")
     early = best.query("group == 'prf-visualrois'")
     late = best.query("group in ('floc-faces', 'floc-words', 'floc-places', 'floc-bodies')")
     assert (early.layer == "blocks.1").all(), early
-    assert (late.layer == "blocks.3").mean() > 0.75, late  # 6 validation images a subject: some ROIs are noisy
+    assert (late.layer == "blocks.3").mean() > 0.75, late  # a few small ROIs may be noisy
     assert (early.depth == 0.5).all()
     maps = vertex_maps(cmp)
     ds = open_dataset(layered_data)
