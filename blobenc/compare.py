@@ -105,7 +105,7 @@ class Source:
         a = self.cache.attrs
         return {
             "label": self.label,
-            "path": str(self.path),
+            "path": str(self.path.resolve()),
             "model": a.get("model"),
             "weights_fingerprint": a.get("weights_fingerprint"),
             "layers": self.layers,
@@ -320,15 +320,15 @@ def compare(
         "subjects": subjects,
         "partition": [dataclasses.asdict(fs) for fs in sets] if sets else None,
     }
+    plan = compare_plan(sources, rows, dataset, config, sets)
+    budget = available_memory() if max_memory is None else max_memory
+    plan.check(budget, "use fewer --layers, --features mean, fewer caches per shard, or a machine with more memory")
+    logger.info("%s", plan.describe())
     if is_main():
         _start(out, header)
     barrier()  # under torchrun rank 0 writes compare.json first
     if not is_main():
         _start(out, header)
-    plan = compare_plan(sources, rows, dataset, config, sets)
-    budget = available_memory() if max_memory is None else max_memory
-    plan.check(budget, "use fewer --layers, --features mean, fewer caches per shard, or a machine with more memory")
-    logger.info("%s", plan.describe())
 
     work = share(sources, subjects, sets is not None, shard)
     t0 = time.perf_counter()

@@ -259,7 +259,11 @@ def depth_heatmap_figure(panels: Sequence[tuple[str, dict[str, list[tuple[float,
             for depth, v in cells:
                 face = cmap(norm(v - tops[roi])) if _num(v) else (0.9, 0.9, 0.9, 1)
                 edge = "red" if best is not None and v == best else "white"
-                ax.add_patch(Rectangle((depth - width, y - 0.4), width, 0.8, facecolor=face, edgecolor=edge, lw=1.4))
+                ax.add_patch(
+                    Rectangle(
+                        (depth - width, y - 0.4), width, 0.8, facecolor=face, edgecolor=edge, lw=1.4, clip_on=False
+                    )
+                )
         ax.set_xlim(0, 1)
         ax.set_ylim(len(models) - 0.5, -0.5)
         ax.set_yticks(range(len(models)), models, fontsize=7)
