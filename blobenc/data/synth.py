@@ -45,7 +45,9 @@ N_REPEATS = 3
 _GRID = 16
 _N_FEATURES = 6
 _N_UNITS = (16, 24)  # late features: units of the first and second nonlinear stage
-LATE_SHARE = 0.7  # the most of a vertex's signal that comes from the late (nonlinear) features
+# The most of a vertex's signal from the late (nonlinear) features: at 0.7 the tests' tiny random-init
+# trunks no longer learned the 60-image data (fit-head's and fit-ridge's median R² fell below 0).
+LATE_SHARE = 0.5
 _FS5 = 10242  # fsaverage5's vertices: the first of any finer fsaverage mesh
 PATCH_FILE = Path(__file__).with_name("fsaverage5_patch.npz")  # scripts/fsaverage_patch.py writes it
 # Real per-hemisphere vertex counts of the Algonauts 2023 challenge data; subjects 6 and 8 drop some.
