@@ -1,11 +1,11 @@
 """blobenc: image-computable fMRI encoding models on cached timm features.
 
 The Python API is the CLI's commands as functions (blobenc.api): `extract`, `fit_ridge`,
-`fit_head`, `finetune`, `predict`, `evaluate`, `submit`, `report`, `plot_map`, and
+`compare`, `fit_head`, `finetune`, `predict`, `evaluate`, `submit`, `report`, `plot_map`, and
 `load_run(path)`, which gives any run's fitted model as an `Encoder`. torch is imported when they first run.
 """
 
-from blobenc.api import evaluate, extract, finetune, fit_head, fit_ridge, plot_map, predict, report, submit
+from blobenc.api import compare, evaluate, extract, finetune, fit_head, fit_ridge, plot_map, predict, report, submit
 from blobenc.data import open_dataset
 from blobenc.data.algonauts import AlgonautsDataset
 from blobenc.data.base import Dataset, GroupSpace, ImageIndex, Subject, ValidationSplit
@@ -54,6 +54,7 @@ __all__ = [
     "SynthConfig",
     "TrainingError",
     "ValidationSplit",
+    "compare",
     "evaluate",
     "extract",
     "finetune",

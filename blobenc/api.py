@@ -175,6 +175,56 @@ def fit_ridge(
     )
 
 
+def compare(
+    caches: Sequence[PathLike],
+    data: PathLike,
+    out: PathLike,
+    *,
+    features: str = "mean",
+    layers: Sequence[str] | None = None,
+    alphas: Sequence[float] | None = None,
+    all_layers: bool = True,
+    partition: Sequence[str] | None = None,
+    n_iter: int = 20,
+    cv: int = 5,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    shard: str | tuple[int, int] | None = None,
+    max_memory: Size = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict | None:
+    """Score every layer of every cache (and each cache's layers together) per subject, target and
+    ROI with fit-ridge's leave-one-out ridge; with `partition=("A", "B")` (cache labels, or
+    "LABEL:GLOB" layer groups) also the variance partition of the two feature sets. Writes the
+    comparison folder `out` (resumable; docs/compare.md) and returns its summary (None from a
+    shard or torchrun rank that leaves the tables to another). `shard`: "i/n" or (i, n)."""
+    from blobenc.compare import CompareConfig, parse_shard
+    from blobenc.compare import compare as run_compare
+
+    config = CompareConfig(
+        features=features,
+        layers=tuple(layers) if layers else None,
+        alphas=tuple(float(a) for a in alphas) if alphas else None,
+        all_layers=all_layers,
+        partition=tuple(partition) if partition else None,
+        n_iter=n_iter,
+        cv=cv,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+    )
+    return run_compare(
+        [Path(c) for c in caches],
+        data,
+        out,
+        config,
+        shard=parse_shard(shard) if isinstance(shard, str) else shard,
+        max_memory=_bytes(max_memory, "--max-memory"),
+        progress=progress,
+    )
+
+
 def fit_head(
     cache: PathLike,
     data: PathLike,

@@ -6,6 +6,7 @@ import os
 
 import typer
 
+from blobenc.cli.compare import compare_command
 from blobenc.cli.data import evaluate_command, submit_command, synth_command
 from blobenc.cli.features import extract_command, info_command, layers_command
 from blobenc.cli.report import report_command
@@ -25,6 +26,7 @@ app.command("layers")(layers_command)
 app.command("info")(info_command)
 app.command("fit-head")(fit_head_command)
 app.command("fit-ridge")(fit_ridge_command)
+app.command("compare")(compare_command)
 app.command("finetune")(finetune_command)
 app.command("predict")(predict_command)
 app.command("import-reference")(import_reference_command)

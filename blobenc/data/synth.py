@@ -6,11 +6,16 @@ The model (docs/synthetic.md has the full description):
   rectangles, so they have natural-image-like spectra and edges.
 * Image features: six 16x16 maps per image (luminance, red-green, blue-yellow,
   local contrast, horizontal and vertical edge energy).
-* Vertices: each group vertex has a position s in [0, 1) along a cortical sheet;
-  its Gaussian receptive field centre, size and feature tuning vary smoothly
-  with s (retinotopy-like spatial structure). Subjects share these tunings plus
-  a smaller subject-specific smooth perturbation, and each vertex has a signal
-  gain (some are pure noise, giving zero noise ceilings).
+* Vertices: the group vertices are a contiguous occipito-temporal patch of
+  fsaverage; each has a depth s in [0, 1] (its angle from the occipital pole)
+  and a direction phi around the pole. Its Gaussian receptive field (centre at
+  polar angle phi, size growing with s) and feature tuning vary smoothly with
+  (s, phi). Early vertices (small s) are linear in local features; late ones
+  in nonlinear, spatially pooled features, so early and late ROIs prefer early
+  and late layers of a trunk. Each ROI group has its own labels on the patch.
+  Subjects share these tunings plus a smaller subject-specific smooth
+  perturbation, and each vertex has a signal gain (some are pure noise, giving
+  zero noise ceilings).
 * Responses: three noisy repeats per image; the files hold their average, and
   the noise ceiling is computed from the test repeats as the NSD papers do.
 * Images: a pool shared by all subjects (as NSD's shared 1000) plus images
@@ -39,6 +44,12 @@ logger = logging.getLogger(__name__)
 N_REPEATS = 3
 _GRID = 16
 _N_FEATURES = 6
+_N_UNITS = (16, 24)  # late features: units of the first and second nonlinear stage
+# The most of a vertex's signal from the late (nonlinear) features: at 0.7 the tests' tiny random-init
+# trunks no longer learned the 60-image data (fit-head's and fit-ridge's median R² fell below 0).
+LATE_SHARE = 0.5
+_FS5 = 10242  # fsaverage5's vertices: the first of any finer fsaverage mesh
+PATCH_FILE = Path(__file__).with_name("fsaverage5_patch.npz")  # scripts/fsaverage_patch.py writes it
 # Real per-hemisphere vertex counts of the Algonauts 2023 challenge data; subjects 6 and 8 drop some.
 _FULL = {"fsaverage": 163842, "group": (19004, 20544), "subj06": (18978, 20220), "subj08": (18981, 20530)}
 _SMALL = {"fsaverage": 2562, "group": (300, 340), "subj06": (292, 322), "subj08": (294, 331)}
@@ -139,10 +150,16 @@ def _noise_ceiling(repeats: np.ndarray, n_avg: int | None = None) -> np.ndarray:
 
 
 def _masks(rng: np.random.Generator, n_subjects: int, spec: dict) -> tuple[dict, list[dict]]:
-    """Group fsaverage indices per hemi and each subject's 0/1 fsaverage mask."""
+    """Group fsaverage indices per hemi and each subject's 0/1 fsaverage mask (the generic layout's
+    random scatter; the Algonauts layout places its group vertices with `_patch_vertices`)."""
     group = {
         h: np.sort(rng.choice(spec["fsaverage"], n, replace=False)) for h, n in zip(HEMIS, spec["group"], strict=True)
     }
+    return group, _subject_masks(rng, n_subjects, spec, group)
+
+
+def _subject_masks(rng: np.random.Generator, n_subjects: int, spec: dict, group: dict) -> list[dict]:
+    """Each subject's 0/1 fsaverage mask: a subset of the group vertices (subjects 6 and 8 lack some)."""
     subject_masks = []
     for k in range(1, n_subjects + 1):
         counts = spec.get(f"subj{k:02d}", spec["group"])
@@ -153,11 +170,12 @@ def _masks(rng: np.random.Generator, n_subjects: int, spec: dict) -> tuple[dict,
             mask[group[hemi][keep]] = 1
             masks[hemi] = mask
         subject_masks.append(masks)
-    return group, subject_masks
+    return subject_masks
 
 
 def _roi_labels(n: int) -> dict[str, np.ndarray]:
-    """Contiguous ROI segments along the sheet (label 0 = Unknown between them)."""
+    """Contiguous ROI segments along a sheet of n targets (label 0 = Unknown between them): the
+    generic layout's ROIs, which have no surface."""
     out = {}
     s = np.arange(n) / max(n, 1)
     for g, names in _ROI_NAMES.items():
@@ -166,6 +184,122 @@ def _roi_labels(n: int) -> dict[str, np.ndarray]:
         within = s * k - segment
         out[g] = np.where(within < 0.8, segment + 1, 0).astype(np.int32)
     return out
+
+
+def _patch_vertices(rng: np.random.Generator, spec: dict) -> tuple[dict, dict, dict]:
+    """The group vertices as a contiguous occipito-temporal patch of fsaverage (the n vertices
+    nearest the occipital pole in PATCH_FILE's stretched distance), with each one's depth s in
+    [0, 1] (angle from the pole over the patch's largest) and direction phi around the pole.
+
+    Only fsaverage5's vertices (the first 10,242 of any finer mesh) have positions here: on a finer
+    mesh the patch takes its share of them and the rest of its vertices from the finer mesh's others,
+    each with the place (plus a little jitter) of a random patch vertex. Maps are drawn on
+    fsaverage5, so they show the patch whole."""
+    size = spec["fsaverage"]
+    group, depth, phi = {}, {}, {}
+    with np.load(PATCH_FILE) as z:
+        known = {k: z[k].astype(np.float64) for k in z.files}
+    for hemi, n in zip(HEMIS, spec["group"], strict=True):
+        n_known = n if size <= _FS5 else max(1, round(n * _FS5 / size))
+        if n_known > min(size, _FS5):
+            raise DataError(f"a patch of {n} vertices does not fit a {size}-vertex hemisphere")
+        idx = np.argsort(known[f"{hemi}_dist"][: min(size, _FS5)], kind="stable")[:n_known]
+        theta, direction = known[f"{hemi}_theta"][idx], known[f"{hemi}_phi"][idx]
+        if n > n_known:
+            extra = rng.choice(np.arange(_FS5, size), n - n_known, replace=False)
+            src = rng.integers(0, n_known, n - n_known)
+            idx = np.concatenate([idx, extra])
+            theta = np.concatenate([theta, theta[src] * (1 + 0.02 * rng.standard_normal(len(src)))])
+            direction = np.concatenate([direction, direction[src] + 0.05 * rng.standard_normal(len(src))])
+        order = np.argsort(idx)
+        group[hemi], depth[hemi], phi[hemi] = idx[order], theta[order] / theta.max(), direction[order]
+    return group, depth, phi
+
+
+def _blob(xy: np.ndarray, centre: int, size: int, taken: np.ndarray) -> np.ndarray:
+    """The `size` free vertices nearest vertex `centre` (in the patch's plane): a contiguous blob."""
+    d = np.linalg.norm(xy - xy[centre], axis=1)
+    d[taken] = np.inf
+    return np.argsort(d, kind="stable")[:size]
+
+
+def _patch_rois(seed: int, s: np.ndarray, phi: np.ndarray) -> dict[str, np.ndarray]:
+    """Labels of each ROI group on a hemisphere's patch (0 = Unknown), each group its own:
+    prf-visualrois in bands of depth at the pole (V1 < V2 < V3, ventral and dorsal halves, hV4 on
+    the ventral side beyond V3); streams by depth (early, mid, late) and side (ventral, lateral,
+    parietal); each category-selective group (floc-*) as blobs at depths beyond the early areas,
+    placed by a generator of its own, so faces, words, bodies and places lie apart."""
+    n = len(s)
+    ventral = np.cos(phi)
+    out = {}
+    v = np.zeros(n, np.int32)
+    for k, (lo, hi) in enumerate(((0.0, 0.15), (0.15, 0.26), (0.26, 0.36))):
+        band = (s >= lo) & (s < hi)
+        v[band & (ventral >= 0)] = 2 * k + 1
+        v[band & (ventral < 0)] = 2 * k + 2
+    v[(s >= 0.36) & (s < 0.48) & (ventral > 0.3)] = 7
+    out["prf-visualrois"] = v
+    side = np.where(ventral > 0.5, 0, np.where(ventral < -0.5, 2, 1))  # ventral, lateral, parietal
+    out["streams"] = np.where(s < 0.3, 1, np.where(s < 0.55, 2 + side, 5 + side)).astype(np.int32)
+    xy = np.stack([s * np.cos(phi), s * np.sin(phi)], 1)
+    late = np.flatnonzero(s >= 0.35)
+    for j, g in enumerate(("floc-bodies", "floc-faces", "floc-places", "floc-words")):
+        rng = np.random.default_rng([seed, 77, j])
+        labels = np.zeros(n, np.int32)
+        for k in range(len(_ROI_NAMES[g])):
+            size = max(1, round(n * rng.uniform(0.02, 0.05)))
+            if len(late):
+                labels[_blob(xy, int(rng.choice(late)), size, labels > 0)] = k + 1
+        out[g] = labels
+    return out
+
+
+def _smooth2(rng: np.random.Generator, s: np.ndarray, phi: np.ndarray, n: int, n_basis: int = 4) -> np.ndarray:
+    """(len(s), n) random functions smooth in depth s and direction phi on the patch."""
+    basis = np.stack(
+        [np.cos(np.pi * k * s) * t for k in range(n_basis) for t in (np.ones_like(phi), np.cos(phi), np.sin(phi))], 1
+    )
+    scale = np.repeat(1 / (1 + np.arange(n_basis)), 3)
+    return basis @ (rng.normal(0, 1, (basis.shape[1], n)) * scale[:, None])
+
+
+def _early_weights(rng: np.random.Generator, s: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """(n_vertices, 6 * 16 * 16) linear weights on the local feature maps: a receptive field at
+    polar angle phi whose eccentricity and size grow with depth, times a tuning over the maps."""
+    ecc = np.clip(0.06 + 0.3 * s + 0.03 * _smooth2(rng, s, phi, 1)[:, 0], 0, 0.45)
+    cy, cx = 0.5 + ecc * np.cos(phi), 0.5 + ecc * np.sin(phi)
+    sigma = 0.1 + 0.17 * s
+    grid = (np.arange(_GRID) + 0.5) / _GRID
+    rf = np.exp(
+        -((grid[None, :, None] - cy[:, None, None]) ** 2 + (grid[None, None, :] - cx[:, None, None]) ** 2)
+        / (2 * sigma[:, None, None] ** 2)
+    )
+    rf /= rf.sum((1, 2), keepdims=True)
+    tuning = _smooth2(rng, s, phi, _N_FEATURES)
+    return (tuning[:, :, None, None] * rf[:, None]).reshape(len(s), -1)
+
+
+def late_features(x: np.ndarray, units: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(n, 24) nonlinear, spatially pooled features of standardized local features x
+    (n, 6 * 16 * 16): two stages of random linear units, each rectified (the second squared) and
+    pooled (2 x 2 blocks, then the whole image), as deeper layers of a network compute."""
+    a1, a2 = units
+    maps = x.reshape(len(x), _N_FEATURES, _GRID, _GRID)
+    h = np.maximum(np.einsum("jc,nchw->njhw", a1, maps), 0)
+    h = h.reshape(len(x), len(a1), _GRID // 2, 2, _GRID // 2, 2).mean((3, 5))
+    h = (h - h.mean((0, 2, 3), keepdims=True)) / (h.std((0, 2, 3), keepdims=True) + 1e-8)
+    return (np.maximum(np.einsum("kj,njhw->nkhw", a2, h), 0) ** 2).mean((2, 3))
+
+
+def _late_share(s: np.ndarray) -> np.ndarray:
+    """How much of a vertex's signal comes from the late features: 0 up to depth 0.2, rising to
+    LATE_SHARE beyond 0.7 (the rest stays linear in the local features, with large receptive fields)."""
+    t = np.clip((s - 0.2) / 0.5, 0, 1)
+    return LATE_SHARE * t * t * (3 - 2 * t)
+
+
+def _standardize(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(0)) / (x.std(0) + 1e-8)
 
 
 def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, progress: bool = False) -> Path:
@@ -208,17 +342,25 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
         Image.fromarray(img).save(image_dir / f"{nsd}.png", compress_level=1)
         features[nsd] = image_features(img).ravel()
 
-    group, subject_masks = _masks(rng, config.subjects, spec)
-    fs_labels = _roi_labels(spec["fsaverage"])
-    n_group = {h: len(group[h]) for h in HEMIS}
+    group, depth, phi = _patch_vertices(rng, spec)
+    subject_masks = _subject_masks(rng, config.subjects, spec, group)
+    fs_labels = {}  # ROI labels over the fsaverage vertices, per hemi and group
+    for hemi in HEMIS:
+        for g, labels in _patch_rois(config.seed, depth[hemi], phi[hemi]).items():
+            fs_labels.setdefault(hemi, {})[g] = np.zeros(spec["fsaverage"], np.int32)
+            fs_labels[hemi][g][group[hemi]] = labels
     # Shared weights and gains over the group vertices; subjects add a smaller perturbation.
-    shared_w, gain = {}, {}
-    for i, hemi in enumerate(HEMIS):
-        s = np.arange(n_group[hemi]) / n_group[hemi]
-        shared_w[hemi] = _vertex_weights(rng, s, np.pi * i)
-        gain[hemi] = np.clip(0.2 + 0.9 * _smooth(rng, s, 1)[:, 0] ** 2, 0, 1.5) * (rng.random(n_group[hemi]) > 0.05)
+    shared_early, shared_late, gain = {}, {}, {}
+    for hemi in HEMIS:
+        s, ph = depth[hemi], phi[hemi]
+        shared_early[hemi] = _early_weights(rng, s, ph)
+        shared_late[hemi] = _smooth2(rng, s, ph, _N_UNITS[1])
+        gain[hemi] = np.clip(0.2 + 0.9 * _smooth2(rng, s, ph, 1)[:, 0] ** 2, 0, 1.5) * (rng.random(len(s)) > 0.05)
     all_feats = np.stack([features[i] for i in nsd_ids.tolist()])
     feat_mean, feat_std = all_feats.mean(0), all_feats.std(0) + 1e-8
+    units = (rng.normal(0, 1, (_N_UNITS[0], _N_FEATURES)), rng.normal(0, 1, (_N_UNITS[1], _N_UNITS[0])))
+    late = late_features((all_feats - feat_mean) / feat_std, units)
+    late = dict(zip(nsd_ids.tolist(), _standardize(late), strict=True))
 
     for k, masks in enumerate(track(subject_masks, "writing subjects", progress), start=1):
         sdir = out / f"subj{k:02d}"
@@ -234,14 +376,19 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
         (sdir / "test_split/test_fmri").mkdir(parents=True)
         (sdir / "test_split/noise_ceiling").mkdir(parents=True)
         (sdir / "roi_masks").mkdir(parents=True)
-        for i, hemi in enumerate(HEMIS):
+        for hemi in HEMIS:
             keep = np.searchsorted(group[hemi], np.flatnonzero(masks[hemi]))
-            s = keep / n_group[hemi]
-            w = shared_w[hemi][keep] + 0.35 * _vertex_weights(srng, s, np.pi * i + 0.3 * k)
+            s, ph = depth[hemi][keep], phi[hemi][keep]
+            w_early = shared_early[hemi][keep] + 0.35 * _early_weights(srng, s, ph)
+            w_late = shared_late[hemi][keep] + 0.35 * _smooth2(srng, s, ph, _N_UNITS[1])
+            share = _late_share(s)
             for split, ids in (("train", train_ids), ("test", test_ids)):
                 x = (np.stack([features[j] for j in ids.tolist()]) - feat_mean) / feat_std
-                signal = x @ w.T
-                signal = (signal - signal.mean(0)) / (signal.std(0) + 1e-8) * gain[hemi][keep]
+                xl = np.stack([late[j] for j in ids.tolist()])
+                # early vertices from the local features, late ones from the nonlinear pooled ones
+                signal = np.cos(np.pi / 2 * share) * _standardize(x @ w_early.T)
+                signal += np.sin(np.pi / 2 * share) * _standardize(xl @ w_late.T)
+                signal = _standardize(signal) * gain[hemi][keep]
                 if split == "test":  # its repeats give the noise ceiling
                     repeats = signal[:, None, :] + srng.normal(0, 1, (len(ids), N_REPEATS, len(keep)))
                     fmri = repeats.mean(1).astype(np.float32)
@@ -257,8 +404,9 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
                     np.save(sdir / f"test_split/noise_ceiling/{hemi}_noise_ceiling.npy", _noise_ceiling(repeats))
             np.save(sdir / f"roi_masks/{hemi}.all-vertices_fsaverage_space.npy", masks[hemi])
             for g in ROI_GROUPS:
-                np.save(sdir / f"roi_masks/{hemi}.{g}_fsaverage_space.npy", fs_labels[g] * masks[hemi])
-                np.save(sdir / f"roi_masks/{hemi}.{g}_challenge_space.npy", fs_labels[g][masks[hemi] == 1])
+                labels = fs_labels[hemi][g]
+                np.save(sdir / f"roi_masks/{hemi}.{g}_fsaverage_space.npy", labels * masks[hemi])
+                np.save(sdir / f"roi_masks/{hemi}.{g}_challenge_space.npy", labels[masks[hemi] == 1])
         for g in ROI_GROUPS:
             mapping = {0: "Unknown"} | {j + 1: n for j, n in enumerate(_ROI_NAMES[g])}
             np.save(sdir / f"roi_masks/mapping_{g}.npy", mapping)

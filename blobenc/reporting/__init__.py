@@ -47,6 +47,16 @@ def write_report(
     Training commands call it with their own run folder: `write_report([out], out / "report.html")`.
     """
     require_extra()
+    from blobenc.reporting.compare import is_comparison, write_compare_report
+
+    if len(runs) == 1 and is_comparison(Path(runs[0])):  # a `blobenc compare` folder has its own page
+        if predictions:
+            raise ReportError(f"{runs[0]}: a comparison folder scores itself; --predictions is for runs")
+        if Path(out).suffix.lower() not in (".html", ".htm"):
+            raise ReportError(f"{out}: the report file must end in .html")
+        return write_compare_report(runs[0], out, data, title)
+    if any(is_comparison(Path(r)) for r in runs):
+        raise ReportError("a comparison folder (blobenc compare) is reported on its own: give it alone")
     from blobenc.reporting.page import Page, render, write_html
     from blobenc.reporting.scores import check_run_data, open_data, score_predictions
 

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from blobenc.reporting.runs import HEMIS
@@ -227,5 +227,66 @@ def layer_figure(labels: dict[str, np.ndarray], layer_names: Sequence[str]) -> F
         vmin=-0.5,
         vmax=len(layer_names) - 0.5,
         legend=list(zip(layer_names, colors, strict=True)),
+        avg="median",
+    )
+
+
+def depth_heatmap_figure(panels: Sequence[tuple[str, dict[str, list[tuple[float, float]]]]], label: str) -> Figure:
+    """Model x relative depth heatmaps, one panel per ROI (`panels`: (roi, {model: [(depth, value)]})).
+    A model's k-th of L layers fills the depth interval ((k - 1) / L, k / L], so trunks of any depth
+    share one axis. Each cell shows its value below the panel's best (ROIs differ more in their
+    level than layers do within one), on one colour scale; the panel's title gives its best value,
+    and each model's best layer is outlined."""
+    from matplotlib import colormaps
+
+    gaps, tops = [], {}
+    for roi, rows in panels:
+        vals = [v for cells in rows.values() for _, v in cells if _num(v)]
+        tops[roi] = max(vals, default=math.nan)
+        gaps += [tops[roi] - v for v in vals]
+    spread = float(np.percentile(gaps, 95)) if gaps else 1.0
+    norm, cmap = Normalize(-(spread or 1.0), 0), colormaps["viridis"]
+    cols = min(len(panels), 4)
+    rows_n = math.ceil(len(panels) / cols)
+    models = list(dict.fromkeys(m for _, rows in panels for m in rows))
+    fig = Figure(figsize=(3.3 * cols + 0.8, 0.42 * len(models) * rows_n + 0.9 * rows_n + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False).ravel())
+    for ax, (roi, rows) in zip(axes, panels, strict=False):
+        for y, model in enumerate(models):
+            cells = rows.get(model, [])
+            best = max((v for _, v in cells if _num(v)), default=None)
+            width = 1 / len(cells) if cells else 1
+            for depth, v in cells:
+                face = cmap(norm(v - tops[roi])) if _num(v) else (0.9, 0.9, 0.9, 1)
+                edge = "red" if best is not None and v == best else "white"
+                ax.add_patch(
+                    Rectangle(
+                        (depth - width, y - 0.4), width, 0.8, facecolor=face, edgecolor=edge, lw=1.4, clip_on=False
+                    )
+                )
+        ax.set_xlim(0, 1)
+        ax.set_ylim(len(models) - 0.5, -0.5)
+        ax.set_yticks(range(len(models)), models, fontsize=7)
+        ax.set_xlabel("relative depth", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"{roi} (best {tops[roi]:.3f})", fontsize=9)
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes.tolist(), shrink=0.8, pad=0.01)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return fig
+
+
+def category_figure(labels: dict[str, np.ndarray], names: Sequence[str], title: str) -> Figure:
+    """Each vertex coloured by a category index (`labels`: hemi -> index, NaN = none), with a legend."""
+    colors = [f"C{k % 10}" for k in range(len(names))]
+    return surface_figure(
+        labels,
+        label=title,
+        cmap=ListedColormap(colors),
+        vmin=-0.5,
+        vmax=len(names) - 0.5,
+        legend=list(zip(names, colors, strict=True)),
         avg="median",
     )

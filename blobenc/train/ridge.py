@@ -170,7 +170,7 @@ def _solve(
     alphas = check_alphas(config.alphas) if config.alphas else default_alphas(float(kernels.sum(0).trace()))
     if config.banded:
         dual, weights = banded_ridge(
-            kernels, Yc, alphas, _folds(rows, config.cv, config.seed), config.n_iter, config.seed
+            kernels, Yc, alphas, image_folds(rows, config.cv, config.seed), config.n_iter, config.seed
         )
         alpha, solver = 1 / weights.sum(0), "banded"
     else:
@@ -197,7 +197,7 @@ def _uniform(scalers: list[LayerScaler], Y: torch.Tensor) -> torch.Tensor:
     return torch.ones(len(scalers), Y.shape[1], device=Y.device)
 
 
-def _folds(rows: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def image_folds(rows: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """K folds over response rows that keep every image's rows in one fold (repeats never leak)."""
     images = np.unique(rows)
     if len(images) < k:
