@@ -317,7 +317,7 @@ def test_torchrun_two_processes_gloo(small_cache, train_data, tmp_path, torchrun
         json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["val"]["median_r2"]
         for d in (out, tmp_path / "alone")
     ]
-    assert abs(last[0] - last[1]) < 0.03  # the trained epoch, not the closed-form start both keep
+    assert last[0] > last[1] - 0.03  # as good as alone: the trained epoch, not the closed-form start both keep
 
 
 def test_predict_images_folder(small_cache, train_data, tmp_path):
