@@ -26,19 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+from _measure import timed
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TRUNKS = {"test_vit": "blocks.*", "test_resnet": "layer*", "test_convnext": "stages.*"}
 BLOBENC = [sys.executable, "-m", "blobenc"]
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one command, which must succeed."""
-    t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-    if res.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    return time.perf_counter() - t0, int(res.stderr.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:

@@ -20,24 +20,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+from _measure import timed
 from _report import report
 
 LAYERS = ["--layers", "blocks.[0369]", "--layers", "blocks.11"]
-
-
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one command."""
-    t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-    if res.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    return time.perf_counter() - t0, int(res.stderr.strip().splitlines()[-1]) / 1024
 
 
 def dataset(work: Path, name: str, subjects: int, images: int, seed: int) -> tuple[Path, Path]:
