@@ -65,10 +65,19 @@ def is_cache(path: Path) -> bool:
         return False
 
 
-def same_identity(path: Path, attrs: dict) -> bool:
-    """Whether the cache at `path` was made with the settings `attrs` (IDENTITY_KEYS)."""
+def identity_difference(path: Path, attrs: dict) -> str | None:
+    """What differs between the settings the cache at `path` was made with and `attrs` (the
+    format version, then IDENTITY_KEYS), as one phrase; None when it was made with them."""
     stored = dict(zarr.open_group(path, mode="r").attrs)
-    return stored.get("version") == VERSION and all(stored.get(k) == attrs[k] for k in IDENTITY_KEYS)
+    if stored.get("version") != VERSION:
+        return f"cache format version {stored.get('version')}, this blobenc writes {VERSION}"
+    for key in IDENTITY_KEYS:
+        if stored.get(key) != attrs[key]:
+            return (
+                f"was made with a different {key} (stored {_describe(key, stored.get(key))}, "
+                f"requested {_describe(key, attrs[key])})"
+            )
+    return None
 
 
 def create_or_open(path: Path, attrs: dict, arrays: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> zarr.Group:
@@ -117,17 +126,10 @@ def create_layer_array(group: zarr.Group, name: str, shape, chunks, dtype: str) 
 
 
 def _open_for_resume(path: Path, attrs: dict) -> zarr.Group:
-    group = zarr.open_group(path, mode="r+")
-    stored = dict(group.attrs)
-    if stored.get("version") != VERSION:
-        raise CacheError(f"{path}: cache format version {stored.get('version')}, this blobenc writes {VERSION}")
-    for key in IDENTITY_KEYS:
-        if stored.get(key) != attrs[key]:
-            raise CacheError(
-                f"{path}: was made with a different {key} (stored {_describe(key, stored.get(key))}, "
-                f"requested {_describe(key, attrs[key])}); use --overwrite to start over or --out elsewhere"
-            )
-    return group
+    difference = identity_difference(path, attrs)
+    if difference is not None:
+        raise CacheError(f"{path}: {difference}; use --overwrite to start over or --out elsewhere")
+    return zarr.open_group(path, mode="r+")
 
 
 def repair(path: Path, group: zarr.Group, arrays: dict, dtype: str, chunks: Sequence[int]) -> dict[str, list[int]]:
@@ -252,7 +254,7 @@ class FeatureCache:
                 raise self.damaged(layer, c, "its file is missing")
             if len(positions) * SPARSE_FRACTION < chunk:
                 with phase("read by byte range"):  # --profile shows which route the reads took
-                    block = self._read_sparse(arr, c, local, file)
+                    block = self._read_sparse(layer, c, local, file)
             if block is None:
                 with phase("read whole chunk"):
                     block = self.read_chunk(layer, c)[local]
@@ -278,10 +280,11 @@ class FeatureCache:
         except (ValueError, OSError) as e:  # a wrong checksum, a short or unreadable file
             raise self.damaged(layer, c, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
-    def _read_sparse(self, arr: zarr.Array, c: int, local: np.ndarray, file: Path) -> np.ndarray | None:
+    def _read_sparse(self, layer: str, c: int, local: np.ndarray, file: Path) -> np.ndarray | None:
         """Rows `local` of chunk `c` read by byte range from its file; None where that layout does
         not hold (compressed or transposed chunks). The file's size is checked (its checksum only
         when the whole chunk is read)."""
+        arr = self.array(layer)
         meta = arr.metadata
         codecs = [type(c) for c in meta.codecs]
         if codecs not in ([BytesCodec], [BytesCodec, Crc32cCodec]):
@@ -297,15 +300,12 @@ class FeatureCache:
         try:
             size = os.fstat(fd).st_size
             if size != expected:
-                raise self.damaged(self.layer_of(arr), c, f"{size} bytes, expected {expected}")
+                raise self.damaged(layer, c, f"{size} bytes, expected {expected}")
             for j, r in enumerate(local.tolist()):
                 os.preadv(fd, [memoryview(out[j]).cast("B")], r * row_bytes)
         finally:
             os.close(fd)
         return out
-
-    def layer_of(self, arr: zarr.Array) -> str:
-        return arr.path.rsplit("/", 1)[-1]
 
     def missing_arrays(self) -> list[str]:
         """Layer arrays (and the completion flags) the attributes name but the store lacks."""

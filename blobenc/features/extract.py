@@ -198,7 +198,7 @@ def extract(
     final = out
     if overwrite and cache_mod.is_cache(out):  # the new cache is built beside the old one, swapped in when whole
         out = out.parent / f".{out.name}.new"
-        if cache_mod.is_cache(out) and not cache_mod.same_identity(out, attrs):
+        if cache_mod.is_cache(out) and cache_mod.identity_difference(out, attrs) is not None:
             shutil.rmtree(out)  # an earlier --overwrite's, of other settings
     new = not cache_mod.is_cache(out)
     if new:  # refused before the store exists; a resume is checked below, on what is left

@@ -43,7 +43,6 @@ from blobenc.train.step import epoch_batches
 from blobenc.train.trainer import (
     Callback,
     add_trial,
-    check_resumed_inputs,
     finish_run,
     finished_summary,
     start_run,
@@ -204,8 +203,9 @@ def finetune(
     if start.finished:
         return finished_summary(out)
     device, amp, distributed, main, resume = start.device, start.amp, start.distributed, start.main, start.resume
+    data_id = dataset_id(dataset)  # once: it hashes every image key
     if resume:
-        check_resumed_inputs(out, None, spec.layers, dataset_id(dataset))
+        start.check_inputs(None, spec.layers, data_id)
     encoder = build_encoder(spec)
     load_state(encoder.head, load_weights(source / "best.safetensors"), spec.pca_path(source))
     unfreeze = resolve_unfreeze(encoder.trunk, spec.layers, config.unfreeze)
@@ -244,7 +244,7 @@ def finetune(
             data=str(data_root),
             configs=[config.to_dict()],
             features=spec.features.to_dict(),
-            dataset=dataset_id(dataset),
+            dataset=data_id,
         ).write(out / "run.json")
     trials: list = []
     add_trial(

@@ -35,7 +35,6 @@ from blobenc.train.step import head_seed
 from blobenc.train.trainer import (
     Callback,
     add_trial,
-    check_resumed_inputs,
     finish_run,
     finished_summary,
     start_run,
@@ -141,8 +140,9 @@ def fit_head(
             f"layers: {unknown[0]!r} is not a layer of the cache {cache.path}; it has {', '.join(cache.layers)}"
         )
     layers = [n for n in cache.layers if n in wanted]
+    data_id = dataset_id(dataset)  # once: it hashes every image key
     if resume:
-        check_resumed_inputs(out, cache.feature_spec(), layers, dataset_id(dataset))
+        start.check_inputs(cache.feature_spec(), layers, data_id)
 
     split_file = out / "split.json"
     split = ValidationSplit.load(split_file) if resume else dataset.validation_split(base.val_fraction, base.seed)
@@ -193,7 +193,7 @@ def fit_head(
             pca_components=n_components,
             pca_explained_variance=float(pca.explained_variance_ratio_.sum()),
             features=cache.feature_spec().to_dict(),
-            dataset=dataset_id(dataset),
+            dataset=data_id,
         ).write(run_file)
 
     built = []

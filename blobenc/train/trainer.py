@@ -72,6 +72,7 @@ class RunStart:
     main: bool
     folder: RunFolder
     mode: str
+    stored: RunSpec | None = None  # the run.json a --resume continues
 
     @property
     def resume(self) -> bool:
@@ -80,6 +81,30 @@ class RunStart:
     @property
     def finished(self) -> bool:
         return self.mode == "finished"
+
+    def check_inputs(self, features: FeatureSpec | None, layers: list[str], dataset: str) -> None:
+        """A --resume reads what the run was started on: features (trunk weights, preprocessing,
+        layers) the run's model.json names, and the same dataset (`dataset_id`); else one line
+        naming what differs. Runs from before run.json recorded them are checked on what they have."""
+        out, stored = self.folder.out, self.stored
+        if stored.dataset is not None and stored.dataset != dataset:
+            raise ConfigError(
+                f"{out}: --resume with another dataset than the run was started with (--data {stored.data} then); "
+                "give the same --data, or --overwrite to start over"
+            )
+        if features is None:
+            return
+        spec = stored.features
+        if spec is None:
+            model = next(iter(sorted(out.glob("model.json")) + sorted(out.glob("*/model.json"))), None)
+            spec = read_json(model, error=ConfigError).get("features") if model else None
+        if spec is not None:
+            diff = features.differences(FeatureSpec.from_dict(spec, str(out / "run.json")), layers)
+            if diff:
+                raise ConfigError(
+                    f"{out}: --resume with other features than the run was started with (cache {stored.cache} "
+                    f"then): {'; '.join(diff)} (now vs run); give the same cache, or --overwrite to start over"
+                )
 
     def claim(self) -> None:
         """Make and lock the folder (the main rank), cleared when the run starts over."""
@@ -111,7 +136,7 @@ def start_run(
     elif mode == "continue":
         if main:
             folder.claim()  # before reading what it resumes: a second writer is refused here
-        stored = RunSpec.read(out / "run.json")
+        stored = start.stored = RunSpec.read(out / "run.json")
         # keys added since the run started take their defaults (feature_dtype: a run from before it)
         defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(base)}
         diff = _differences([defaults | c for c in stored.configs], [defaults | c.to_dict() for c in configs])
@@ -133,31 +158,6 @@ def _differences(stored: list[dict], now: list[dict]) -> str:
             where = f"config {k}: " if len(stored) > 1 else ""
             return where + ", ".join(f"{key} {a.get(key)!r} vs {b.get(key)!r}" for key in keys)
     return ""
-
-
-def check_resumed_inputs(out: Path, features: FeatureSpec | None, layers: list[str], dataset: str) -> None:
-    """A --resume reads what the run was started on: features (trunk weights, preprocessing,
-    layers) the run's model.json names, and the same dataset (`dataset_id`); else one line naming
-    what differs. Runs from before run.json recorded them are checked on what they have."""
-    stored = RunSpec.read(out / "run.json")
-    if stored.dataset is not None and stored.dataset != dataset:
-        raise ConfigError(
-            f"{out}: --resume with another dataset than the run was started with (--data {stored.data} then); "
-            "give the same --data, or --overwrite to start over"
-        )
-    if features is None:
-        return
-    spec = stored.features
-    if spec is None:
-        model = next(iter(sorted(out.glob("model.json")) + sorted(out.glob("*/model.json"))), None)
-        spec = read_json(model, error=ConfigError).get("features") if model else None
-    if spec is not None:
-        diff = features.differences(FeatureSpec.from_dict(spec, str(out / "run.json")), layers)
-        if diff:
-            raise ConfigError(
-                f"{out}: --resume with other features than the run was started with (cache {stored.cache} then): "
-                f"{'; '.join(diff)} (now vs run); give the same cache, or --overwrite to start over"
-            )
 
 
 def finished_summary(out: Path) -> dict:
