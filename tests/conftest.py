@@ -13,6 +13,15 @@ import pytest
 from blobenc.data.synth import SynthConfig, write_synthetic
 
 
+def pytest_runtest_logreport(report):
+    """With BLOBENC_FAILURES=FILE, each failure's reason is appended as it happens (by the xdist
+    controller or a plain run), so that a run cut off by a time limit (a lent GPU's) still says why."""
+    path = os.environ.get("BLOBENC_FAILURES")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext[-3000:]}\n\n")
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """8 subjects, small vertex space, tiny images: the dataset most tests share (read-only)."""

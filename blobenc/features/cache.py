@@ -309,8 +309,9 @@ class FeatureCache:
 
     def missing_arrays(self) -> list[str]:
         """Layer arrays (and the completion flags) the attributes name but the store lacks."""
-        present = set(self.group.array_keys())
-        return [name for name in [*self.layers, DONE] if name not in present]
+        # each name looked up, not the folder listed: zarr warns about every other file there
+        # (extract --profile's profile.json)
+        return [name for name in [*self.layers, DONE] if name not in self.group]
 
     def verify(self, progress: bool = False, chunks: Sequence[int] | None = None) -> dict[str, list[int]]:
         """Read every finished chunk (of `chunks`, default all) of every layer, checking its file
