@@ -13,8 +13,10 @@ the brain-region queries of Adeli et al. (Algonauts 2023, 2nd place):
     readout  query q's output o_q (LayerNorm, feature dropout) -> a latent z_q = E_q C_q o_q
              in the group-PCA space, z = sum_q z_q + b_subject; the frozen embedding decodes z
 
-Each target is assigned to one query: k-means (k = Q) on the targets' loadings on the leading
-PCA components (`assign`). E_q (P x r, frozen) holds the r latent directions most concentrated on
+Each target is assigned to one query (`assign`): with `regions` given (config `regions: rois`), one
+query per ROI and hemisphere (data.base.group_regions), a target outside every ROI going to the
+region whose targets' loadings on the leading PCA components are nearest its own; else k-means
+(k = Q) on those loadings. E_q (P x r, frozen) holds the r latent directions most concentrated on
 query q's targets: the leading eigenvectors of W_qᵀ W_q, W_q the embedding's rows of those
 targets. So query q reads out to its own targets' part of the latent space, and its gradient is
 the error there; training's loss is the same masked group-space MSE as the group-linear head's
@@ -151,6 +153,15 @@ class QueryReadout(nn.Module):
         # what the embedding fixes (set_embedding): each target's query, each query's directions
         self.register_buffer("assign", torch.zeros(n_vertices, dtype=torch.long))
         self.register_buffer("directions", torch.zeros(queries, p, self.rank))  # E_q (P, r)
+        self.regions: torch.Tensor | None = None  # each target's region (-1: none), for set_embedding
+
+    def set_regions(self, regions: torch.Tensor) -> None:
+        """(V,) each target's region in [-1, Q) (one query per region; -1: outside every region),
+        which set_embedding assigns the targets by instead of k-means."""
+        regions = torch.as_tensor(regions, dtype=torch.long)
+        if regions.shape != self.assign.shape or int(regions.max()) >= self.n_queries:
+            raise ConfigError(f"regions: expected {len(self.assign)} labels below {self.n_queries} (one query per region)")
+        self.regions = regions
 
     def set_embedding(self, components: torch.Tensor, mean: torch.Tensor) -> None:
         """components (P, V), mean (V,) from the group PCA; assigns the targets to the queries and
@@ -159,7 +170,11 @@ class QueryReadout(nn.Module):
             self.embed.weight.copy_(torch.as_tensor(components).T)
             self.embed.bias.copy_(torch.as_tensor(mean))
             w = self.embed.weight.detach().double().cpu()
-            assign = kmeans(w[:, :KMEANS_COMPONENTS], self.n_queries)
+            loadings = w[:, :KMEANS_COMPONENTS]
+            if self.regions is None:
+                assign = kmeans(loadings, self.n_queries)
+            else:
+                assign = nearest_region(loadings, self.regions, self.n_queries)
             self.assign.copy_(assign)
             self.directions.copy_(query_directions(w, assign, self.n_queries, self.rank))
 
@@ -232,6 +247,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
                 far = dist.argmax()
                 c[j], label[far], dist[far] = x[far], j, 0
     return torch.cdist(x, c).argmin(1)
+
+
+def nearest_region(x: torch.Tensor, regions: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) the region of each row of x (N, d): its own where `regions` gives one (>= 0), else the
+    region whose mean unit-norm row is nearest (as k-means assigns)."""
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    labelled = regions >= 0
+    centres = torch.zeros(k, x.shape[1], dtype=x.dtype).index_add_(0, regions[labelled], x[labelled])
+    centres /= torch.bincount(regions[labelled], minlength=k).clamp_min(1)[:, None].to(x.dtype)
+    return torch.where(labelled, regions, torch.cdist(x, centres).argmin(1))
 
 
 def query_directions(w: torch.Tensor, assign: torch.Tensor, n_queries: int, rank: int) -> torch.Tensor:

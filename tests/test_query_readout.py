@@ -219,3 +219,35 @@ def test_ensemble_and_finetune_from_a_query_readout_run(small_cache, train_data,
     after = load_file(tmp_path / "ft" / "last.safetensors")
     torch.testing.assert_close(after["head.directions"], before["directions"])  # buffers kept
     assert not torch.equal(after["head.readout"], before["readout"])
+
+
+def test_roi_queries_one_per_roi_and_hemisphere_and_predict_rebuilds_them(small_cache, train_data, tmp_path):
+    from blobenc.data import open_dataset
+    from blobenc.data.base import group_regions
+    from blobenc.predictions import predict
+
+    labels, names = group_regions(open_dataset(train_data))
+    # the finest group first: V1-V3 cover the early stream, which so never becomes a query
+    assert {"lh.V1v", "rh.hV4", "lh.FFA-1"} <= set(names) and "lh.early" not in names
+    assert names == sorted(set(names), key=names.index) and labels.max() == len(names) - 1
+    fit_head(small_cache, train_data, tmp_path / "roi", [qcfg(epochs=1, regions="rois")], progress=False)
+    spec = json.loads((tmp_path / "roi" / "model.json").read_text())
+    assert spec["kwargs"]["queries"] == len(names)
+    assign = load_file(tmp_path / "roi" / "best.safetensors")["assign"].numpy()
+    labelled = labels >= 0
+    assert (assign[labelled] == labels[labelled]).all() and assign.min() >= 0
+    predict(tmp_path / "roi", train_data, tmp_path / "pred", "subj01", device="cpu", progress=False)
+    assert np.isfinite(np.load(tmp_path / "pred" / "subj01" / "rh_pred_test.npy")).all()
+
+
+def test_roi_queries_need_roi_labels(small_cache, train_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(train_data, data)
+    for labels in data.glob("subj*/roi_masks/*_challenge_space.npy"):
+        labels.unlink()
+    with pytest.raises(ConfigError, match="regions=rois: .* has no ROI labels"):
+        fit_head(small_cache, data, tmp_path / "run", [qcfg(epochs=1, regions="rois")], progress=False)
+    with pytest.raises(ConfigError, match="regions='x'"):
+        qcfg(regions="x").check()

@@ -305,6 +305,39 @@ def dataset_id(dataset: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def group_regions(dataset: Dataset) -> tuple[np.ndarray, list[str]]:
+    """Each group target's region, one region per ROI and part (hemisphere), from the subjects' ROI
+    labels: (label (n_targets,) in [-1, R), the R region names, e.g. "lh.FFA-1"). A subject's target
+    takes the first of the layout's ROI groups that labels it (Algonauts: prf-visualrois, then the
+    floc groups, then streams: the finest first); a group target, the region most of the subjects
+    that have it give it (ties: the first region found); -1 where none labels it."""
+    names: dict[str, int] = {}
+    found = []  # (group columns, region) of each subject's labelled targets
+    for name, subject in dataset.subjects.items():
+        parts = subject.parts
+        region = np.full(subject.n_targets, -1, np.int64)
+        for labels, roi_names in subject.rois().values():
+            for part, mask in parts.items():
+                free = mask & (labels > 0) & (region < 0)
+                for label in np.unique(labels[free]).tolist():
+                    roi = roi_names.get(label, str(label))
+                    key = f"{part}.{roi}" if len(parts) > 1 else roi
+                    region[free & (labels == label)] = names.setdefault(key, len(names))
+        labelled = region >= 0
+        found.append((dataset.group_index(name)[labelled], region[labelled]))
+    if not names:
+        return np.full(len(dataset.group.index), -1, np.int64), []
+    votes = np.zeros((len(dataset.group.index), len(names)), np.int32)
+    for columns, region in found:
+        np.add.at(votes, (columns, region), 1)
+    labels = np.where(votes.any(1), votes.argmax(1), -1)
+    used = np.unique(labels[labels >= 0])  # regions that no group target ended in are dropped
+    renumber = np.full(len(names), -1, np.int64)
+    renumber[used] = np.arange(len(used))
+    order = list(names)
+    return np.where(labels >= 0, renumber[np.maximum(labels, 0)], -1), [order[k] for k in used]
+
+
 def write_array(path: Path, arr: np.ndarray) -> None:
     """np.save through a temporary name and a rename: a reader never sees half a file."""
     with atomic_path(path) as tmp, tmp.open("wb") as f:  # np.save on a path would append .npy to tmp's name

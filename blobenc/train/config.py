@@ -18,6 +18,7 @@ from blobenc.errors import ConfigError
 
 INITS = ("random", "ridge", "pca-ridge")  # the head's starts (blobenc/train/init.py)
 FEATURE_DTYPES = ("cache", "int8")  # how fit-head holds features in memory (train/data.CachedFeatures)
+REGIONS = ("kmeans", "rois")  # how the query-readout head assigns targets to queries (blobenc/query_readout.py)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class HeadConfig:
     hidden_dim: int = 256  # reference: 1024
     queries: int = 32  # head query_readout: its queries (blobenc/query_readout.py)
     depth: int = 1  # head query_readout: its cross-attention blocks
+    regions: str = "kmeans"  # head query_readout: targets to queries by k-means, or rois (one query per ROI and hemisphere)
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     pca_samples: int = 16000  # the group PCA is fitted on at most this many training samples (seeded draw)
     feature_dtype: str = "cache"  # features in memory as the cache stores them, or int8 (half of float16)
@@ -75,6 +77,8 @@ class HeadConfig:
             raise ConfigError("weight_decay must be >= 0 and grad_clip > 0 when set")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise ConfigError(f"feature_dtype={self.feature_dtype!r}: expected one of {', '.join(FEATURE_DTYPES)}")
+        if self.regions not in REGIONS:
+            raise ConfigError(f"regions={self.regions!r}: expected one of {', '.join(REGIONS)}")
         if self.init not in INITS:
             raise ConfigError(f"init={self.init!r}: expected one of {', '.join(INITS)}")
         if self.accumulate < 1 or (self.batch_size is not None and self.accumulate > self.batch_size):
@@ -106,6 +110,7 @@ class FinetuneConfig(HeadConfig):
         "hidden_dim",
         "queries",
         "depth",
+        "regions",
         "proj_dim",
         "dropout",
         "val_fraction",

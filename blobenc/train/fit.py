@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from blobenc.data import open_dataset
-from blobenc.data.base import ValidationSplit, dataset_id
+from blobenc.data.base import ValidationSplit, dataset_id, group_regions
 from blobenc.distributed import all_agree
 from blobenc.errors import ConfigError
 from blobenc.features.cache import FeatureCache
@@ -65,6 +65,18 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
         cache=str(cache.path),
         group=data.group.to_dict(),
     )
+
+
+def _with_regions(configs: list[HeadConfig], dataset) -> tuple[list[HeadConfig], np.ndarray | None]:
+    """The configs, those of a head with queries and `regions: rois` given one query per ROI and
+    hemisphere of the dataset; each group target's region (data.base.group_regions) when any is."""
+    wanted = [c.regions == "rois" and "queries" in head_options(c.head, c.to_dict()) for c in configs]
+    if not any(wanted):
+        return configs, None
+    labels, names = group_regions(dataset)
+    if not names:
+        raise ConfigError(f"regions=rois: {dataset.root} has no ROI labels to make queries of; use regions=kmeans")
+    return [replace(c, queries=len(names)) if w else c for c, w in zip(configs, wanted, strict=True)], labels
 
 
 def head_kwargs(cfg: HeadConfig, cache: FeatureCache, layers: list[str], n_subjects: int, n_vertices: int, p: int):
@@ -175,6 +187,7 @@ def fit_head(
     data = HeadData(cache, dataset, split, layers, device, progress)
     given = configs
     configs = [resolve_schedule(c, len(data.sets["train"])) for c in configs]  # epochs, batch from the data size
+    configs, regions = _with_regions(configs, dataset)
     base = configs[0]
 
     with large_blocks_mapped():  # the PCA's targets and solver (~11 GB at the full NSD) are not kept
@@ -202,6 +215,8 @@ def fit_head(
         spec = _model_spec(cfg, data, cache, n_components, PCA_FILE if tdir == out else f"../{PCA_FILE}")
         torch.manual_seed(head_seed(cfg))  # same init whether trained alone or in a sweep
         model = create_head(cfg.head, **spec.kwargs)
+        if cfg.regions == "rois" and hasattr(model, "set_regions"):
+            model.set_regions(torch.from_numpy(regions))
         model.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
         built.append((tdir, cfg, spec, model.to(device), [data.layers.index(n) for n in spec.layers]))
     data.embed(*built[0][3].embedding())  # every trial shares the PCA
