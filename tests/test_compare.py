@@ -200,3 +200,16 @@ def test_sharded_equals_unsharded(small_cache, train_data, tmp_path):
         pd.read_csv(sharded / "partition.csv"), pd.read_csv(one / "partition.csv"), check_exact=False, rtol=1e-5
     )
     assert set(pd.read_csv(one / "leaderboard.csv").model) == {"cache", "cache-2"}
+
+
+@pytest.mark.slow
+def test_torchrun_equals_one_process(small_cache, train_data, tmp_path, torchrun):
+    """Two torchrun ranks share the units (as --shard 0/2 and 1/2) and rank 0 merges: one run's tables."""
+    one, ranks = tmp_path / "one", tmp_path / "ranks"
+    _compare([small_cache, small_cache], train_data, one, "--no-all-layers")
+    res = torchrun("compare", str(small_cache), str(small_cache), "--data", str(train_data), "--out", str(ranks),
+                   "--no-all-layers", port=29521)  # fmt: skip
+    log = res.stdout + res.stderr
+    assert "shard 0/2" in log and "shard 1/2" in log and (ranks / "summary.json").is_file()
+    for name, table in _tables(one).items():  # one thread a rank against two here: float32 sums differ
+        pd.testing.assert_frame_equal(_tables(ranks)[name], table, check_exact=False, rtol=1e-4, atol=1e-3)
