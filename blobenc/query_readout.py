@@ -160,7 +160,7 @@ class QueryReadout(nn.Module):
         which set_embedding assigns the targets by instead of k-means."""
         regions = torch.as_tensor(regions, dtype=torch.long)
         if regions.shape != self.assign.shape or int(regions.max()) >= self.n_queries:
-            raise ConfigError(f"regions: expected {len(self.assign)} labels below {self.n_queries} (one query per region)")
+            raise ConfigError(f"regions: expected {len(self.assign)} labels below {self.n_queries}, one query a region")
         self.regions = regions
 
     def set_embedding(self, components: torch.Tensor, mean: torch.Tensor) -> None:

@@ -37,7 +37,7 @@ class HeadConfig:
     hidden_dim: int = 256  # reference: 1024
     queries: int = 32  # head query_readout: its queries (blobenc/query_readout.py)
     depth: int = 1  # head query_readout: its cross-attention blocks
-    regions: str = "kmeans"  # head query_readout: targets to queries by k-means, or rois (one query per ROI and hemisphere)
+    regions: str = "kmeans"  # head query_readout: targets to queries by k-means, or rois (a query per ROI and hemi)
     proj_dim: int | None = None  # = group-PCA components; None: from the training samples (2048 at ~75k)
     pca_samples: int = 16000  # the group PCA is fitted on at most this many training samples (seeded draw)
     feature_dtype: str = "cache"  # features in memory as the cache stores them, or int8 (half of float16)
