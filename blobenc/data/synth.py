@@ -45,6 +45,11 @@ N_REPEATS = 3
 _GRID = 16
 _N_FEATURES = 6
 _N_UNITS = (16, 24)  # late features: units of the first and second nonlinear stage
+N_OBJECT = 7  # object_features
+# The most of a vertex's signal from what the image's objects are (the deepest vertices): features
+# that no random-init trunk encodes, so kept to the deepest quarter of the patch (the median vertex
+# takes ~2% of its signal from them) for the tests' and the demo's random-init trunks to learn the rest.
+OBJECT_SHARE = 0.9
 # The most of a vertex's signal from the late (nonlinear) features: at 0.7 the tests' tiny random-init
 # trunks no longer learned the 60-image data (fit-head's and fit-ridge's median R² fell below 0).
 LATE_SHARE = 0.5
@@ -74,8 +79,9 @@ class SynthConfig:
     layout: str = "algonauts"  # or "generic"
 
 
-def make_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: 1/f coloured noise with a few flat shapes on top."""
+def make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(size, size, 3) uint8: 1/f coloured noise with a few flat shapes on top; and what those
+    shapes are (object_features)."""
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]
     f = np.sqrt(fx**2 + fy**2)
@@ -90,16 +96,36 @@ def make_image(rng: np.random.Generator, size: int) -> np.ndarray:
     img = img @ rng.normal(0.6, 0.3, (3, 3))  # correlated colour channels, as in natural scenes
     img = (img - img.mean()) / (img.std() + 1e-8) * 0.18 + rng.uniform(0.3, 0.7, 3)
     yy, xx = np.mgrid[0:size, 0:size] / size
-    for _ in range(rng.integers(1, 5)):
+    owner = np.full((size, size), -1)  # which shape each pixel shows (later shapes cover earlier ones)
+    shapes = []
+    for k in range(rng.integers(1, 5)):
         cy, cx = rng.uniform(0.1, 0.9, 2)
         ry, rx = rng.uniform(0.05, 0.25, 2)
+        ellipse = rng.random() < 0.5
         inside = (
             (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
-            if rng.random() < 0.5
+            if ellipse
             else ((np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx))
         )
         img[inside] = rng.uniform(0, 1, 3)
-    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        owner[inside] = k
+        shapes.append((ellipse, max(ry / rx, rx / ry)))
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), object_features(shapes, owner)
+
+
+def object_features(shapes: list[tuple[bool, float]], owner: np.ndarray) -> np.ndarray:
+    """(N_OBJECT,) what an image's shapes are, wherever they are and whatever their colour: the
+    number of ellipses and of rectangles, the visible area of each kind and its square root, and
+    the shapes' mean elongation. Object-level properties: a trained network's late layers encode
+    them, its early layers (and a random-init network's layers) hardly (docs/synthetic.md)."""
+    area = {kind: sum((owner == k).mean() for k, (e, _) in enumerate(shapes) if e == kind) for kind in (True, False)}
+    n_ellipses = sum(e for e, _ in shapes)
+    return np.array(
+        [
+            *(n_ellipses, len(shapes) - n_ellipses, area[True], area[False]),
+            *(np.sqrt(area[True]), np.sqrt(area[False]), np.mean([el for _, el in shapes])),
+        ]
+    )
 
 
 def image_features(img: np.ndarray) -> np.ndarray:
@@ -298,6 +324,14 @@ def _late_share(s: np.ndarray) -> np.ndarray:
     return LATE_SHARE * t * t * (3 - 2 * t)
 
 
+def _object_share(s: np.ndarray) -> np.ndarray:
+    """How much of a vertex's signal comes from the object features: 0 up to depth 0.4, rising to
+    OBJECT_SHARE at 0.9 (the rest split between the local and the nonlinear pooled features as
+    _late_share says)."""
+    t = np.clip((s - 0.3) / 0.5, 0, 1)
+    return OBJECT_SHARE * t * t * (3 - 2 * t)
+
+
 def _standardize(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(0)) / (x.std(0) + 1e-8)
 
@@ -335,10 +369,11 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
     unique = nsd_ids[n_shared_train + config.test_images :].reshape(config.subjects, n_unique)
 
     features: dict[int, np.ndarray] = {}
+    objects: dict[int, np.ndarray] = {}
     image_dir = out / ".images"  # render each unique image once, then hard-link or copy it
     image_dir.mkdir(parents=True)
     for nsd in track(nsd_ids.tolist(), "rendering images", progress):
-        img = make_image(np.random.default_rng([config.seed, nsd]), config.image_size)
+        img, objects[nsd] = make_image(np.random.default_rng([config.seed, nsd]), config.image_size)
         Image.fromarray(img).save(image_dir / f"{nsd}.png", compress_level=1)
         features[nsd] = image_features(img).ravel()
 
@@ -350,17 +385,20 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
             fs_labels.setdefault(hemi, {})[g] = np.zeros(spec["fsaverage"], np.int32)
             fs_labels[hemi][g][group[hemi]] = labels
     # Shared weights and gains over the group vertices; subjects add a smaller perturbation.
-    shared_early, shared_late, gain = {}, {}, {}
+    shared_early, shared_late, shared_objects, gain = {}, {}, {}, {}
     for hemi in HEMIS:
         s, ph = depth[hemi], phi[hemi]
         shared_early[hemi] = _early_weights(rng, s, ph)
         shared_late[hemi] = _smooth2(rng, s, ph, _N_UNITS[1])
+        shared_objects[hemi] = _smooth2(rng, s, ph, N_OBJECT)
         gain[hemi] = np.clip(0.2 + 0.9 * _smooth2(rng, s, ph, 1)[:, 0] ** 2, 0, 1.5) * (rng.random(len(s)) > 0.05)
     all_feats = np.stack([features[i] for i in nsd_ids.tolist()])
     feat_mean, feat_std = all_feats.mean(0), all_feats.std(0) + 1e-8
     units = (rng.normal(0, 1, (_N_UNITS[0], _N_FEATURES)), rng.normal(0, 1, (_N_UNITS[1], _N_UNITS[0])))
     late = late_features((all_feats - feat_mean) / feat_std, units)
     late = dict(zip(nsd_ids.tolist(), _standardize(late), strict=True))
+    shapes = _standardize(np.stack([objects[i] for i in nsd_ids.tolist()]))
+    objects = dict(zip(nsd_ids.tolist(), shapes, strict=True))
 
     for k, masks in enumerate(track(subject_masks, "writing subjects", progress), start=1):
         sdir = out / f"subj{k:02d}"
@@ -381,13 +419,18 @@ def write_synthetic(out: Path | str, config: SynthConfig = SynthConfig(), *, pro
             s, ph = depth[hemi][keep], phi[hemi][keep]
             w_early = shared_early[hemi][keep] + 0.35 * _early_weights(srng, s, ph)
             w_late = shared_late[hemi][keep] + 0.35 * _smooth2(srng, s, ph, _N_UNITS[1])
+            w_objects = shared_objects[hemi][keep] + 0.35 * _smooth2(srng, s, ph, N_OBJECT)
             share = _late_share(s)
+            object_share = _object_share(s)
             for split, ids in (("train", train_ids), ("test", test_ids)):
                 x = (np.stack([features[j] for j in ids.tolist()]) - feat_mean) / feat_std
                 xl = np.stack([late[j] for j in ids.tolist()])
-                # early vertices from the local features, late ones from the nonlinear pooled ones
+                xo = np.stack([objects[j] for j in ids.tolist()])
+                # early vertices from the local features, later ones from the nonlinear pooled ones,
+                # the deepest from the objects
                 signal = np.cos(np.pi / 2 * share) * _standardize(x @ w_early.T)
                 signal += np.sin(np.pi / 2 * share) * _standardize(xl @ w_late.T)
+                signal = np.sqrt(1 - object_share) * signal + np.sqrt(object_share) * _standardize(xo @ w_objects.T)
                 signal = _standardize(signal) * gain[hemi][keep]
                 if split == "test":  # its repeats give the noise ceiling
                     repeats = signal[:, None, :] + srng.normal(0, 1, (len(ids), N_REPEATS, len(keep)))
@@ -460,7 +503,7 @@ def _write_generic(out: Path, config: SynthConfig, spec: dict, progress: bool) -
     features: dict[str, np.ndarray] = {}
     all_keys = shared + test + [key for keys in unique for key in keys]  # in the order of `ids`
     for key, i in track(list(zip(all_keys, ids, strict=True)), "rendering images", progress):
-        img = make_image(np.random.default_rng([config.seed, i]), config.image_size)
+        img, _ = make_image(np.random.default_rng([config.seed, i]), config.image_size)
         path = out / "images" / key
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(path, compress_level=1)
