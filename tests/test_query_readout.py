@@ -249,5 +249,6 @@ def test_roi_queries_need_roi_labels(small_cache, train_data, tmp_path):
         labels.unlink()
     with pytest.raises(ConfigError, match="regions=rois: .* has no ROI labels"):
         fit_head(small_cache, data, tmp_path / "run", [qcfg(epochs=1, regions="rois")], progress=False)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # refused before any work
     with pytest.raises(ConfigError, match="regions='x'"):
         qcfg(regions="x").check()

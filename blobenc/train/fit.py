@@ -152,6 +152,8 @@ def fit_head(
             f"layers: {unknown[0]!r} is not a layer of the cache {cache.path}; it has {', '.join(cache.layers)}"
         )
     layers = [n for n in cache.layers if n in wanted]
+    # before any work: a dataset without ROI labels is refused for `regions: rois`
+    with_regions, regions = _with_regions(configs, dataset)
     data_id = dataset_id(dataset)  # once: it hashes every image key
     if resume:
         start.check_inputs(cache.feature_spec(), layers, data_id)
@@ -159,7 +161,7 @@ def fit_head(
     split_file = out / "split.json"
     split = ValidationSplit.load(split_file) if resume else dataset.validation_split(base.val_fraction, base.seed)
     budget = available_memory() if max_memory is None else max_memory
-    plan = head_plan(cache, dataset, split, layers, configs, pca_path is not None or resume)
+    plan = head_plan(cache, dataset, split, layers, with_regions, pca_path is not None or resume)
     training = plan.phases["training"]
     in_memory = training["features"]
     host_room = budget - sum(plan.resident.values()) - sum(training.values()) + in_memory
@@ -186,8 +188,7 @@ def fit_head(
         split.save(split_file)
     data = HeadData(cache, dataset, split, layers, device, progress)
     given = configs
-    configs = [resolve_schedule(c, len(data.sets["train"])) for c in configs]  # epochs, batch from the data size
-    configs, regions = _with_regions(configs, dataset)
+    configs = [resolve_schedule(c, len(data.sets["train"])) for c in with_regions]  # epochs, batch from the data size
     base = configs[0]
 
     with large_blocks_mapped():  # the PCA's targets and solver (~11 GB at the full NSD) are not kept
