@@ -195,6 +195,11 @@ def predict_selected(
         files = [_run_file(run, f) for f in needed]
         if None in files:
             missing = needed[files.index(None)]
+            if (run.parent / "sweep.json").is_file():
+                raise ConfigError(
+                    f"{run}: a trial of the sweep {run.parent}, whose validation results are its best trial's "
+                    f"only: combine the sweep folder {run.parent} (its best trial), or refit this trial's config alone"
+                )
             raise ConfigError(
                 f"{run}: no {missing} (validation results): --select {select} needs runs validated by this "
                 "version of blobenc" + ("; or choose --select vertex" if missing == VAL_PRED_FILE else "")

@@ -179,6 +179,11 @@ def test_sweep_trial_equals_the_same_config_alone(small_cache, train_data, tmp_p
     assert row["median_r2"] == pytest.approx(solo["trials"][0]["median_r2"], abs=1e-6)
     spec = json.loads((tmp_path / "solo" / "model.json").read_text())
     assert spec["head"] == "query_readout" and spec["kwargs"]["queries"] == 4 and spec["kwargs"]["depth"] == 1
+    import blobenc
+
+    with pytest.raises(ConfigError, match="a trial of the sweep .*combine the sweep folder"):
+        blobenc.predict([tmp_path / "sweep" / "trial-00", tmp_path / "solo"], train_data, tmp_path / "p",
+                        progress=False)  # fmt: skip
 
 
 def test_resume_after_ctrl_c_equals_uninterrupted_and_predict_rebuilds_it(small_cache, train_data, tmp_path):
