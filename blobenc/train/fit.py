@@ -67,16 +67,18 @@ def _model_spec(cfg: HeadConfig, data: HeadData, cache: FeatureCache, n_componen
     )
 
 
-def _with_regions(configs: list[HeadConfig], dataset) -> tuple[list[HeadConfig], np.ndarray | None]:
+def _with_regions(configs: list[HeadConfig], dataset) -> tuple[list[HeadConfig], list[np.ndarray | None]]:
     """The configs, those of a head with queries and `regions: rois` given one query per ROI and
-    hemisphere of the dataset; each group target's region (data.base.group_regions) when any is."""
+    hemisphere of the dataset; and for each config the group targets' regions its head is built
+    with (data.base.group_regions), None for the others."""
     wanted = [c.regions == "rois" and "queries" in head_options(c.head, c.to_dict()) for c in configs]
     if not any(wanted):
-        return configs, None
+        return configs, [None] * len(configs)
     labels, names = group_regions(dataset)
     if not names:
         raise ConfigError(f"regions=rois: {dataset.root} has no ROI labels to make queries of; use regions=kmeans")
-    return [replace(c, queries=len(names)) if w else c for c, w in zip(configs, wanted, strict=True)], labels
+    resolved = [replace(c, queries=len(names)) if w else c for c, w in zip(configs, wanted, strict=True)]
+    return resolved, [labels if w else None for w in wanted]
 
 
 def head_kwargs(cfg: HeadConfig, cache: FeatureCache, layers: list[str], n_subjects: int, n_vertices: int, p: int):
@@ -153,7 +155,7 @@ def fit_head(
         )
     layers = [n for n in cache.layers if n in wanted]
     # before any work: a dataset without ROI labels is refused for `regions: rois`
-    with_regions, regions = _with_regions(configs, dataset)
+    with_regions, regions_of = _with_regions(configs, dataset)
     data_id = dataset_id(dataset)  # once: it hashes every image key
     if resume:
         start.check_inputs(cache.feature_spec(), layers, data_id)
@@ -216,8 +218,8 @@ def fit_head(
         spec = _model_spec(cfg, data, cache, n_components, PCA_FILE if tdir == out else f"../{PCA_FILE}")
         torch.manual_seed(head_seed(cfg))  # same init whether trained alone or in a sweep
         model = create_head(cfg.head, **spec.kwargs)
-        if cfg.regions == "rois" and hasattr(model, "set_regions"):
-            model.set_regions(torch.from_numpy(regions))
+        if regions_of[k] is not None:
+            model.set_regions(torch.from_numpy(regions_of[k]))
         model.set_embedding(torch.from_numpy(pca.components_), torch.from_numpy(pca.mean_))
         built.append((tdir, cfg, spec, model.to(device), [data.layers.index(n) for n in spec.layers]))
     data.embed(*built[0][3].embedding())  # every trial shares the PCA
